@@ -1,0 +1,68 @@
+"""Where the upstream data lives, resolved lazily at read time.
+
+`data_dir()` is gin-configurable (`perl.data.paths.data_dir.root = "..."`) and
+defaults to the `PERL_DATA_DIR` environment variable. Nothing here runs at
+import time, so registering tasks never touches the file system.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+from typing import Optional, Sequence
+
+import gin
+
+DATA_DIR_ENV = "PERL_DATA_DIR"
+
+
+class MissingDataError(FileNotFoundError):
+  """An expected upstream file is absent; the message says where to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSourceInfo:
+  # Human-readable dataset name, e.g. "Anthropic HH".
+  name: str
+  # Folder under data_dir() that mirrors the upstream layout, e.g. "hh-rlhf".
+  folder: str
+  # Where the files come from: a URL or an LDC catalog id.
+  origin: str
+
+
+@gin.configurable(module="perl.data.paths")
+def data_dir(root: Optional[str] = None) -> str:
+  """The root folder holding one sub-folder per upstream dataset."""
+  root = root or os.environ.get(DATA_DIR_ENV)
+  if not root:
+    raise MissingDataError(
+        f"No data directory: set the {DATA_DIR_ENV} environment variable or "
+        "bind `perl.data.paths.data_dir.root` in gin (e.g. "
+        f"{DATA_DIR_ENV}=../shared/data)."
+    )
+  return os.path.abspath(os.path.expanduser(root))
+
+
+def _missing(expected: str, source: DataSourceInfo) -> MissingDataError:
+  return MissingDataError(
+      f"{source.name}: expected {expected} but it does not exist. Get the "
+      f"upstream files from {source.origin} and place them under "
+      f"{os.path.join(data_dir(), source.folder)} (layout as published)."
+  )
+
+
+def dataset_file(source: DataSourceInfo, relative: str) -> str:
+  """Absolute path of one upstream file; one clear error when it is absent."""
+  path = os.path.join(data_dir(), source.folder, relative)
+  if not os.path.exists(path):
+    raise _missing(path, source)
+  return path
+
+
+def dataset_files(source: DataSourceInfo, pattern: str) -> Sequence[str]:
+  """Sorted files matching a glob under the dataset folder; error if none."""
+  full_pattern = os.path.join(data_dir(), source.folder, pattern)
+  files = sorted(glob.glob(full_pattern))
+  if not files:
+    raise _missing(full_pattern, source)
+  return files

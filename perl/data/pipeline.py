@@ -1,0 +1,117 @@
+"""From a task name to batches of converted features.
+
+    from perl.data import pipeline
+    batches = pipeline.get_batches(
+        task="synthetic_preference", split="train",
+        feature_lengths={"prompt": 48, "response": 32}, batch_size=8,
+        shard_info=(jax.process_index(), jax.process_count()), seed=0)
+    batch = next(batches)  # dict of numpy arrays, keys per the task's kind
+
+The kind (sft / preference / pointwise / prompts) is read off the task's output
+features; the matching converter comes from `feature_converters.CONVERTERS`.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping, Optional, Tuple, Union
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from perl.data import feature_converters, report
+
+ShardSpec = Union[seqio.ShardInfo, Tuple[int, int], None]
+
+
+def get_task(name: str):
+  """A registered task or mixture; registers all tasks on first use."""
+  import tasks  # noqa: F401  Registration happens on import.
+
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError as e:
+    known = sorted(seqio.TaskRegistry.names()) + sorted(
+        seqio.MixtureRegistry.names())
+    raise ValueError(f"unknown task or mixture {name!r}; known: {known}") from e
+
+
+def task_kind(name: str) -> str:
+  from tasks import common
+
+  return common.kind_of(get_task(name).output_features)
+
+
+def vocabulary(name: str) -> seqio.Vocabulary:
+  """The vocabulary of a task's text features."""
+  features = get_task(name).output_features
+  key = next(k for k in ("prompt", "inputs", "targets") if k in features)
+  return features[key].vocabulary
+
+
+def _shard_info(shard_info: ShardSpec) -> Optional[seqio.ShardInfo]:
+  if shard_info is None or isinstance(shard_info, seqio.ShardInfo):
+    return shard_info
+  index, num_shards = shard_info
+  return seqio.ShardInfo(index=index, num_shards=num_shards)
+
+
+def get_dataset(
+    *, task: str, split: str, feature_lengths: Mapping[str, int],
+    batch_size: Optional[int] = None, shard_info: ShardSpec = None,
+    seed: Optional[int] = None, shuffle: Optional[bool] = None,
+    num_epochs: Optional[int] = 1, drop_remainder: bool = True,
+    truncation: feature_converters.TruncationConfig = (
+        feature_converters.TruncationConfig()),
+    with_stats: bool = False,
+) -> tf.data.Dataset:
+  """Converted (and, with batch_size, batched) tf.data examples of a task.
+
+  shuffle defaults to True for "train" only; num_epochs=None repeats forever;
+  shard_info is (index, num_shards) of this host. Truncation happens in the
+  converter (prompts on the left by default), never in SeqIO's trimming.
+  """
+  source = get_task(task)
+  kind = task_kind(task)
+  if shuffle is None:
+    shuffle = split == "train"
+  ds = source.get_dataset(
+      sequence_length=None, split=split, shuffle=shuffle, seed=seed,
+      shard_info=_shard_info(shard_info), num_epochs=num_epochs,
+      use_cached=False)
+  converter = feature_converters.CONVERTERS[kind](
+      truncation=truncation, with_stats=with_stats)
+  ds = converter(ds, feature_lengths)
+  if batch_size:
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def get_batches(
+    *, task: str, split: str, feature_lengths: Mapping[str, int],
+    batch_size: int, shard_info: ShardSpec = None, seed: Optional[int] = None,
+    shuffle: Optional[bool] = None, num_epochs: Optional[int] = 1,
+    drop_remainder: bool = True,
+    truncation: feature_converters.TruncationConfig = (
+        feature_converters.TruncationConfig()),
+) -> Iterator[dict]:
+  """Numpy batches with exactly the converter's keys.
+
+  Truncated prompts/responses are counted into `perl.data.report` under
+  "{task}/{split}" as they stream by.
+  """
+  ds = get_dataset(task=task, split=split, feature_lengths=feature_lengths,
+                   batch_size=batch_size, shard_info=shard_info, seed=seed,
+                   shuffle=shuffle, num_epochs=num_epochs,
+                   drop_remainder=drop_remainder, truncation=truncation,
+                   with_stats=True)
+  scope = f"{task}/{split}"
+  for batch in ds.as_numpy_iterator():
+    out = {}
+    for key, value in batch.items():
+      if key.startswith(feature_converters.STATS_PREFIX):
+        n = int(np.sum(value))
+        if n:
+          report.count(scope, key[len(feature_converters.STATS_PREFIX):], n)
+      else:
+        out[key] = value
+    yield out

@@ -1,0 +1,188 @@
+"""Synthetic coffee-order confirmations: no download, programmatic truth.
+
+  prompt:   "order: 2 latte, 1 mocha\nconfirm:"
+  response: " 2 latte, 1 mocha"          (truth: confirms exactly the order)
+
+Small on purpose (5 drinks, counts 1-3, 1-3 distinct drinks; prompt <= 41
+bytes, response <= 26 bytes) so a tiny byte-level transformer learns it in a
+few hundred CPU steps. The SFT targets come from an imperfect policy (about
+half are wrong in realistic ways) so RL has room to improve on SFT.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import gin
+import seqio
+
+from tasks import common
+
+DRINKS = ("latte", "mocha", "tea", "cocoa", "chai")
+MAX_COUNT = 3
+MAX_ITEMS = 3
+PROMPT_PREFIX = "order: "
+PROMPT_SUFFIX = "\nconfirm:"
+# Feature lengths that fit every synthetic example, with room for EOS.
+FEATURE_LENGTHS = {"prompt": 48, "response": 32}
+SFT_FEATURE_LENGTHS = {"inputs": 48, "targets": 32}
+SPLITS = ("train", "validation")
+MISTAKES = ("dropped_item", "wrong_count", "swapped_drink", "extra_item")
+# Markers a decoded response may end with; ground truth ignores them.
+_EOS_MARKERS = ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "\x01")
+_ITEM = re.compile(r"^([0-9]+) ([a-z]+)$")
+
+Order = Tuple[Tuple[int, str], ...]
+
+_VOCABULARY = seqio.ByteVocabulary()
+
+
+def vocabulary() -> seqio.ByteVocabulary:
+  """The synthetic tasks' vocabulary: bytes, vocab_size 259 (0 pad, 1 EOS)."""
+  return _VOCABULARY
+
+
+@gin.configurable(module="tasks.synthetic")
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  # Examples in the train split.
+  num_train: int = 20_000
+  # Examples in the validation split.
+  num_validation: int = 1_000
+  # Base seed; each split draws from its own stream, so splits never share one.
+  seed: int = 0
+  # Fraction of SFT targets that the imperfect policy gets wrong.
+  sft_error_rate: float = 0.5
+
+
+def format_items(order: Order) -> str:
+  return ", ".join(f"{count} {drink}" for count, drink in order)
+
+
+def make_prompt(order: Order) -> str:
+  return f"{PROMPT_PREFIX}{format_items(order)}{PROMPT_SUFFIX}"
+
+
+def make_response(order: Order) -> str:
+  return " " + format_items(order)
+
+
+def parse_items(text: str) -> Optional[Dict[str, int]]:
+  """{drink: count} from "2 latte, 1 mocha"; None if malformed or repeated."""
+  items: Dict[str, int] = {}
+  for part in text.split(","):
+    match = _ITEM.match(part.strip())
+    if not match or match.group(2) in items:
+      return None
+    items[match.group(2)] = int(match.group(1))
+  return items
+
+
+def _strip_eos(text: str) -> str:
+  text = text.strip()
+  stripped = True
+  while stripped:
+    stripped = False
+    for marker in _EOS_MARKERS:
+      if text.endswith(marker):
+        text = text[: -len(marker)].rstrip()
+        stripped = True
+  return text
+
+
+def ground_truth_reward(prompt: str, response: str) -> float:
+  """1.0 when `response` confirms exactly the ordered items, else 0.0.
+
+  Item order does not matter; counts and drinks must match exactly, with no
+  extra or missing items. Trailing EOS markers and whitespace are ignored.
+  """
+  prompt = prompt.strip()
+  if not prompt.startswith(PROMPT_PREFIX.strip()):
+    return 0.0
+  body = prompt[len(PROMPT_PREFIX.strip()):]
+  if body.endswith(PROMPT_SUFFIX.strip()):
+    body = body[: -len(PROMPT_SUFFIX.strip())]
+  ordered = parse_items(body.strip())
+  confirmed = parse_items(_strip_eos(response))
+  return float(ordered is not None and confirmed == ordered)
+
+
+def random_order(rng: random.Random) -> Order:
+  drinks = rng.sample(DRINKS, rng.randint(1, MAX_ITEMS))
+  return tuple((rng.randint(1, MAX_COUNT), drink) for drink in drinks)
+
+
+def mistaken_order(order: Order, rng: random.Random) -> Order:
+  """A realistic wrong confirmation: dropped item, wrong count, swapped
+  drink or extra item. A dropped item needs two items; an extra item is only
+  added below MAX_ITEMS so every response stays within 26 bytes."""
+  choices = [m for m in MISTAKES
+             if (m != "dropped_item" or len(order) > 1)
+             and (m != "extra_item" or len(order) < MAX_ITEMS)]
+  mistake = rng.choice(choices)
+  items: List[Tuple[int, str]] = list(order)
+  i = rng.randrange(len(items))
+  unused = [d for d in DRINKS if d not in {drink for _, drink in items}]
+  if mistake == "dropped_item":
+    del items[i]
+  elif mistake == "wrong_count":
+    count, drink = items[i]
+    items[i] = (rng.choice([c for c in range(1, MAX_COUNT + 1) if c != count]),
+                drink)
+  elif mistake == "swapped_drink":
+    items[i] = (items[i][0], rng.choice(unused))
+  else:
+    items.insert(rng.randrange(len(items) + 1),
+                 (rng.randint(1, MAX_COUNT), rng.choice(unused)))
+  return tuple(items)
+
+
+def _split_size(config: SyntheticConfig, split: str) -> int:
+  if split == "train":
+    return config.num_train
+  if split == "validation":
+    return config.num_validation
+  raise ValueError(f"synthetic tasks have splits {SPLITS}, not {split!r}")
+
+
+def _rng(config: SyntheticConfig, split: str, kind: str) -> random.Random:
+  # A string seed is hashed deterministically (sha512), independent of
+  # PYTHONHASHSEED; the split name keeps train and validation streams apart.
+  return random.Random(f"perl-synthetic/{config.seed}/{split}/{kind}")
+
+
+def generate(kind: str, split: str,
+             config: Optional[SyntheticConfig] = None) -> Iterator[dict]:
+  """Text records of one kind; deterministic in (config.seed, split, kind)."""
+  config = config or SyntheticConfig()
+  rng = _rng(config, split, kind)
+  for index in range(_split_size(config, split)):
+    order = random_order(rng)
+    prompt = make_prompt(order)
+    if kind == common.PROMPTS:
+      yield {"prompt": prompt}
+    elif kind == common.SFT:
+      wrong = rng.random() < config.sft_error_rate
+      target = mistaken_order(order, rng) if wrong else order
+      yield {"inputs": prompt, "targets": make_response(target)}
+    elif kind == common.PREFERENCE:
+      yield {"prompt": prompt, "chosen": make_response(order),
+             "rejected": make_response(mistaken_order(order, rng))}
+    elif kind == common.POINTWISE:
+      # Alternating labels: exactly balanced; seqio shuffles for training.
+      correct = index % 2 == 0
+      response = order if correct else mistaken_order(order, rng)
+      yield {"prompt": prompt, "response": make_response(response),
+             "label": float(correct)}
+    else:
+      raise ValueError(f"unknown kind {kind!r}")
+
+
+def register() -> None:
+  for kind in common.KINDS:
+    common.register_task(
+        f"synthetic_{kind}", kind=kind, splits=SPLITS,
+        records_fn=lambda split, kind=kind: generate(kind, split),
+        vocabulary=vocabulary())
