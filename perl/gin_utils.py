@@ -1,0 +1,167 @@
+"""Gin flag handling in t5x's manner (`--gin_file`, `--gin.NAME=VALUE`).
+
+Gin's own errors are accurate but verbose and sometimes obscure (an unset
+`%gin.REQUIRED` macro is reported as 'X/macro.value'); `parse_gin_flags`
+re-raises them as one `GinConfigError` line naming the binding and the fix.
+"""
+from __future__ import annotations
+
+import ast
+import importlib.util  # noqa: F401  gin uses importlib.util without importing it
+import os
+import re
+from collections.abc import Sequence
+
+import gin
+
+GIN_ARG_PREFIX = '--gin.'
+
+
+class GinConfigError(ValueError):
+  """A gin file or binding is missing, misspelt or incomplete."""
+
+
+def _maybe_quote(value: str) -> str:
+  """Quotes bare strings so that `--gin.MODEL_DIR=/tmp/x` just works.
+
+  Values that are already gin syntax (numbers, True/None, quoted strings,
+  @references, %macros, lists/tuples/dicts) are left alone.
+  """
+  v = value.strip()
+  if not v or v[0] in '\'"@%[({' or v in ('True', 'False', 'None'):
+    return value
+  try:
+    ast.literal_eval(v)
+    return value
+  except (ValueError, SyntaxError):
+    return repr(v)
+
+
+def rewrite_gin_args(args: Sequence[str]) -> list[str]:
+  """Rewrites `--gin.NAME=VALUE` into `--gin_bindings=NAME = VALUE`."""
+  def rewrite(arg: str) -> str:
+    if not arg.startswith(GIN_ARG_PREFIX):
+      return arg
+    if '=' not in arg:
+      raise GinConfigError(
+          f"Gin bindings must look like '--gin.NAME=VALUE', got {arg!r}.")
+    name, value = arg[len(GIN_ARG_PREFIX):].split('=', 1)
+    return f'--gin_bindings={name} = {_maybe_quote(value)}'
+  return [rewrite(a) for a in args]
+
+
+def _resolve_gin_file(path: str, search_paths: Sequence[str]) -> str:
+  if os.path.exists(path):
+    return path
+  for root in search_paths:
+    if os.path.exists(os.path.join(root, path)):
+      return path  # gin finds it through the search path
+  raise GinConfigError(
+      f'Gin file {path!r} not found (searched the working directory and'
+      f' --gin_search_paths={list(search_paths)}).')
+
+
+def _explain(err: Exception) -> str | None:
+  """One-line explanation of a gin error, or None if not recognised."""
+  msg = str(err)
+  if m := re.search(r"(\S+?)/(?:gin\.)?macro\.value set to `%gin\.REQUIRED`",
+                    msg):
+    return (f'Gin macro {m.group(1)} is %gin.REQUIRED but was never set: pass'
+            f' --gin.{m.group(1)}=<value> or bind it in a gin file.')
+  if m := re.search(r'(\S+) set to `%gin\.REQUIRED`', msg):
+    return (f'Gin parameter {m.group(1)} is %gin.REQUIRED but was never set:'
+            f' pass --gin.{m.group(1)}=<value> or bind it in a gin file.')
+  if m := re.search(r"No bindings specified for '(\w+)/gin\.macro'", msg):
+    return (f'Gin macro %{m.group(1)} is used but never defined: add'
+            f' `{m.group(1)} = <value>` or pass --gin.{m.group(1)}=<value>.')
+  if m := re.search(
+      r"Configurable '([\w.]+)' doesn't have a parameter named '(\w+)'", msg):
+    return (f'Gin binding {m.group(1)}.{m.group(2)}: {m.group(1)!r} has no'
+            f' parameter {m.group(2)!r} (misspelt?).{_params_hint(m[1], m[2])}')
+  if m := re.search(r"No configurable matching '([\w./]+)'", msg):
+    return (f'Gin binding refers to unknown configurable {m.group(1)!r}:'
+            ' misspelt, or its module is not imported (add `import <module>`'
+            ' to the gin file).')
+  if m := re.search(r'Unable to open file: (\S+?)\.? Searched', msg):
+    return f'Gin file {m.group(1)} not found. {msg}'
+  return None
+
+
+def _params_hint(configurable: str, wrong: str) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  try:
+    fn = gin.config._REGISTRY.get_match(configurable).wrapped  # pylint: disable=protected-access
+    params = list(inspect.signature(fn).parameters)
+  except Exception:  # pylint: disable=broad-except
+    return ''
+  close = difflib.get_close_matches(wrong, params, n=1)
+  return f' Did you mean {close[0]!r}?' if close else (
+      f' Parameters: {params}.')
+
+
+def explain_gin_error(err: Exception) -> Exception:
+  """Turns a recognised gin error into a GinConfigError (cause chained)."""
+  text = _explain(err)
+  if text is None:
+    return err
+  new = GinConfigError(text)
+  new.__cause__ = err
+  return new
+
+
+def parse_gin_flags(
+    gin_search_paths: Sequence[str] = (),
+    gin_files: Sequence[str] = (),
+    gin_bindings: Sequence[str] = (),
+    *,
+    skip_unknown: bool = False,
+    finalize_config: bool = True,
+) -> None:
+  """Adds search paths, parses files then bindings, and finalizes.
+
+  Finalizing runs gin's checks for unset `%gin.REQUIRED` values and undefined
+  macros now, before any work starts.
+  """
+  search_paths = [p for p in gin_search_paths if p]
+  for path in search_paths:  # gin searches cwd, then these in order
+    if path not in gin.config._LOCATION_PREFIXES:  # pylint: disable=protected-access
+      gin.add_config_file_search_path(path)
+  files = [_resolve_gin_file(f, search_paths) for f in gin_files]
+  try:
+    gin.parse_config_files_and_bindings(
+        files, list(gin_bindings), skip_unknown=skip_unknown,
+        finalize_config=finalize_config)
+  except (ValueError, OSError, TypeError, SyntaxError) as e:
+    explained = explain_gin_error(e)
+    if explained is e:
+      raise
+    raise explained from e
+
+
+def summarize_gin_config(model_dir: str | None = None) -> str:
+  """Returns (and writes to MODEL_DIR/config.gin) the operative config."""
+  text = gin.operative_config_str()
+  if model_dir:
+    write_operative_config(model_dir, text=text)
+  return text
+
+
+def write_operative_config(model_dir: str, *, text: str | None = None) -> str:
+  """Writes the operative gin config to MODEL_DIR/config.gin; returns path.
+
+  Remote paths (gs://...) go through tf.io.gfile; local ones need no
+  TensorFlow import.
+  """
+  text = gin.operative_config_str() if text is None else text
+  path = os.path.join(model_dir, 'config.gin')
+  if '://' in model_dir:
+    from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
+    gfile.makedirs(model_dir)
+    with gfile.GFile(path, 'w') as f:
+      f.write(text)
+  else:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(text)
+  return path

@@ -1,0 +1,1 @@
+"""Small process-level helpers (TensorFlow set-up, ...)."""

@@ -1,0 +1,102 @@
+"""Gin flag rewriting and the clear errors of perl.gin_utils."""
+import gin
+import pytest
+
+from perl import gin_utils
+
+
+@gin.configurable(module='test_gin_utils')
+def train(*, steps=1, learning_rate=0.1, model_dir=None):
+  return steps, learning_rate, model_dir
+
+
+@pytest.fixture(autouse=True)
+def _clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def test_rewrite_gin_args():
+  argv = ['prog', '--gin.TRAIN_STEPS=100', '--gin_file=a.gin',
+          '--gin.train.learning_rate=1e-4', '--gin.MODEL_DIR=/tmp/run',
+          "--gin.NAME='quoted'", '--gin.FN=@train', '--gin.EXPR=a=b',
+          '--gin.L=[1, 2]', '--jax_backend=cpu']
+  assert gin_utils.rewrite_gin_args(argv) == [
+      'prog', '--gin_bindings=TRAIN_STEPS = 100', '--gin_file=a.gin',
+      '--gin_bindings=train.learning_rate = 1e-4',
+      # Bare strings get quoted so paths need no shell gymnastics.
+      "--gin_bindings=MODEL_DIR = '/tmp/run'",
+      "--gin_bindings=NAME = 'quoted'", '--gin_bindings=FN = @train',
+      "--gin_bindings=EXPR = 'a=b'", '--gin_bindings=L = [1, 2]',
+      '--jax_backend=cpu']
+
+
+def test_rewrite_gin_args_without_value_errors():
+  with pytest.raises(gin_utils.GinConfigError, match=r"--gin\.TRAIN_STEPS"):
+    gin_utils.rewrite_gin_args(['prog', '--gin.TRAIN_STEPS'])
+
+
+def test_files_search_paths_and_bindings(tmp_path):
+  (tmp_path / 'base.gin').write_text(
+      'TRAIN_STEPS = %gin.REQUIRED\n'
+      'test_gin_utils.train.steps = %TRAIN_STEPS\n'
+      'train.learning_rate = 0.5\n')
+  (tmp_path / 'sub').mkdir()
+  (tmp_path / 'sub' / 'run.gin').write_text(
+      "include 'base.gin'\ntrain.model_dir = '/nowhere'\n")
+  gin_utils.parse_gin_flags(
+      [str(tmp_path)], ['sub/run.gin'],
+      ['TRAIN_STEPS = 7', "train.model_dir = '/tmp/x'"])
+  assert train() == (7, 0.5, '/tmp/x')
+
+
+def test_missing_required_macro_names_it(tmp_path):
+  (tmp_path / 'base.gin').write_text(
+      'TRAIN_STEPS = %gin.REQUIRED\ntrain.steps = %TRAIN_STEPS\n')
+  with pytest.raises(gin_utils.GinConfigError) as e:
+    gin_utils.parse_gin_flags([str(tmp_path)], ['base.gin'], [])
+  assert str(e.value) == (
+      'Gin macro TRAIN_STEPS is %gin.REQUIRED but was never set: pass'
+      ' --gin.TRAIN_STEPS=<value> or bind it in a gin file.')
+
+
+def test_required_parameter_names_it():
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=r'train\.steps is %gin\.REQUIRED.*--gin\.'):
+    gin_utils.parse_gin_flags([], [], ['train.steps = %gin.REQUIRED'])
+
+
+def test_undefined_macro_names_it():
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=r'macro %STEPZ is used but never defined'):
+    gin_utils.parse_gin_flags([], [], ['train.steps = %STEPZ'])
+
+
+def test_misspelt_parameter_names_it_and_suggests():
+  with pytest.raises(gin_utils.GinConfigError) as e:
+    gin_utils.parse_gin_flags([], [], ['train.learning_rat = 0.1'])
+  assert "train.learning_rat" in str(e.value)
+  assert "Did you mean 'learning_rate'?" in str(e.value)
+
+
+def test_misspelt_configurable_names_it():
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=r"unknown configurable 'trian'"):
+    gin_utils.parse_gin_flags([], [], ['trian.steps = 3'])
+
+
+def test_missing_gin_file_names_it(tmp_path):
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=r"Gin file 'nope\.gin' not found.*search_paths"):
+    gin_utils.parse_gin_flags([str(tmp_path)], ['nope.gin'], [])
+
+
+def test_write_operative_config(tmp_path):
+  gin_utils.parse_gin_flags([], [], ['train.steps = 3'])
+  train()
+  path = gin_utils.write_operative_config(str(tmp_path / 'model'))
+  text = open(path).read()
+  assert path == str(tmp_path / 'model' / 'config.gin')
+  assert 'train.steps = 3' in text
+  assert 'train.learning_rate = 0.1' in text  # defaults are recorded too
