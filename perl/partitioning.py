@@ -283,9 +283,15 @@ def data_shard_info(mesh: jax.sharding.Mesh) -> tuple[int, int]:
   for device, index in idx_map.items():
     rows_by_process.setdefault(device.process_index, set()).add(
         index[0].start or 0)
+  return _shard_info(rows_by_process, jax.process_index())
+
+
+def _shard_info(rows_by_process: Mapping[int, set[int]],
+                process_index: int) -> tuple[int, int]:
+  """Processes holding the same batch rows form one input shard."""
   groups = sorted({tuple(sorted(r)) for r in rows_by_process.values()})
-  mine = tuple(sorted(rows_by_process[jax.process_index()]))
-  return groups.index(mine), len(groups)
+  return groups.index(tuple(sorted(rows_by_process[process_index]))), len(
+      groups)
 
 
 def shard_batch(batch: Mapping[str, Any],

@@ -199,3 +199,30 @@ def test_partitioner_context_activates_mesh_and_rules():
         pt.DEFAULT_LOGICAL_AXIS_RULES)
   assert jax.sharding.get_abstract_mesh().empty
   assert not core_spmd.get_logical_axis_rules()
+
+
+def test_data_shard_info_groups_processes_by_batch_rows():
+  # 4 hosts, model parallelism across host pairs: 0/1 and 2/3 share rows.
+  rows = {0: {0, 1}, 1: {0, 1}, 2: {2, 3}, 3: {2, 3}}
+  assert [pt._shard_info(rows, p) for p in range(4)] == [
+      (0, 2), (0, 2), (1, 2), (1, 2)]
+  # Pure data parallelism: every host its own shard.
+  rows = {0: {0}, 1: {1}, 2: {2}}
+  assert [pt._shard_info(rows, p) for p in range(3)] == [(0, 3), (1, 3), (2, 3)]
+
+
+def test_partitioner_jit_compiles_once_per_shape():
+  partitioner = pt.Partitioner('data=8')
+  traces = []
+
+  def f(x):
+    traces.append(x.shape)
+    return pt.with_sharding_constraint(x * 2, ('batch', 'embed'))
+
+  step = partitioner.jit(f, in_shardings=(partitioner.batch_sharding(2),))
+  for _ in range(3):
+    step(partitioner.shard_batch({'x': np.ones((8, 4), np.float32)})['x'])
+  assert traces == [(8, 4)]
+  step(partitioner.shard_batch({'x': np.ones((16, 4), np.float32)})['x'])
+  assert traces == [(8, 4), (16, 4)]
+  assert step.jitted._cache_size() == 2
