@@ -1,0 +1,88 @@
+"""Anthropic HH (anthropics/hh-rlhf): {subset}/{train,test}.jsonl.gz under
+{data_dir}/hh-rlhf/, one JSON object per line: {chosen, rejected}, each a whole
+transcript "\\n\\nHuman: ...\\n\\nAssistant: ...".
+
+Each pair is split into the shared prompt (through "\\n\\nAssistant:") and two
+responses. Rule when the two transcripts' prompts differ (5 of 2,312 pairs in
+harmless-base test): the prompt is the longest common prefix of the two
+transcripts that ends in "\\n\\nAssistant:", and each response is the rest of
+its transcript (it may then hold further turns). Such pairs are counted as
+"prompt_mismatch"; a pair with no common "\\n\\nAssistant:" is a malformed row.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional, Tuple
+
+from perl.data import paths, readers, report, vocabularies
+from tasks import common
+
+SOURCE = paths.DataSourceInfo(
+    name="Anthropic HH", folder="hh-rlhf",
+    origin="https://github.com/anthropics/hh-rlhf")
+SUBSETS = ("harmless-base", "helpful-base", "helpful-online",
+           "helpful-rejection-sampled")
+SPLITS = ("train", "test")
+ASSISTANT = "\n\nAssistant:"
+
+
+def _last_prompt_end(text: str) -> int:
+  index = text.rfind(ASSISTANT)
+  return -1 if index < 0 else index + len(ASSISTANT)
+
+
+def split_pair(chosen: str, rejected: str) -> Tuple[str, str, str, bool]:
+  """(prompt, chosen response, rejected response, prompts_differed)."""
+  end_chosen, end_rejected = _last_prompt_end(chosen), _last_prompt_end(rejected)
+  if end_chosen < 0 or end_rejected < 0:
+    raise ValueError(f"a transcript has no {ASSISTANT!r}")
+  if chosen[:end_chosen] == rejected[:end_rejected]:
+    return chosen[:end_chosen], chosen[end_chosen:], rejected[end_rejected:], False
+  common_length = 0
+  limit = min(len(chosen), len(rejected))
+  while common_length < limit and chosen[common_length] == rejected[common_length]:
+    common_length += 1
+  end = chosen.rfind(ASSISTANT, 0, common_length)
+  if end < 0:
+    raise ValueError(f"chosen and rejected share no prompt ending in {ASSISTANT!r}")
+  end += len(ASSISTANT)
+  return chosen[:end], chosen[end:], rejected[end:], True
+
+
+def pairs(subset: str, split: str) -> Iterator[dict]:
+  scope = f"hh_rlhf/{subset}/{split}"
+  path = paths.dataset_file(SOURCE, f"{subset}/{split}.jsonl.gz")
+  for where, record in readers.read_json_lines(
+      path, required=("chosen", "rejected"), scope=scope):
+    parts = readers.parse_or_bad_row(
+        where, lambda: split_pair(record["chosen"], record["rejected"]),
+        scope=scope)
+    if parts is None:
+      continue
+    prompt, chosen, rejected, differed = parts
+    if differed:
+      report.count(scope, "prompt_mismatch")
+    yield {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def task_name(subset: str, kind: str) -> str:
+  return f"hh_rlhf_{subset.replace('-', '_')}_{kind}"
+
+
+def register(vocabulary: Optional[object] = None) -> None:
+  vocabulary = vocabulary or vocabularies.ConfiguredVocabulary()
+  for subset in SUBSETS:
+    common.register_task(
+        task_name(subset, common.PREFERENCE), kind=common.PREFERENCE,
+        splits=SPLITS, vocabulary=vocabulary,
+        records_fn=lambda split, s=subset: pairs(s, split))
+    common.register_task(
+        task_name(subset, common.SFT), kind=common.SFT, splits=SPLITS,
+        vocabulary=vocabulary,
+        records_fn=lambda split, s=subset: (
+            {"inputs": p["prompt"], "targets": p["chosen"]}
+            for p in pairs(s, split)))
+    common.register_task(
+        task_name(subset, common.PROMPTS), kind=common.PROMPTS, splits=SPLITS,
+        vocabulary=vocabulary,
+        records_fn=lambda split, s=subset: (
+            {"prompt": p["prompt"]} for p in pairs(s, split)))

@@ -1,0 +1,48 @@
+"""The real upstream files under PERL_DATA_DIR (CI: ../shared/data).
+
+Skipped, with the reason printed by `pytest -rs`, only when PERL_DATA_DIR is
+unset; CI always sets it so these run there.
+"""
+import collections
+
+from perl.data import pipeline, report
+from tasks import hh_rlhf, taskmaster
+from tests.tasks.fixture_data import real_data
+
+
+@real_data
+def test_tm4_reward_set_counts():
+  labels = collections.Counter(
+      e["label"] for e in taskmaster.reward_examples("taskmaster4", "all"))
+  assert labels == {1.0: 2775, 0.0: 453}
+  assert len(list(taskmaster.reward_prompts("taskmaster4", "all"))) == 2254
+
+
+@real_data
+def test_tm4_dialogs():
+  dialogs = list(taskmaster._records("taskmaster4", "data",
+                                     taskmaster._DIALOG_FIELDS, "all"))
+  assert len(dialogs) == 3710
+  examples = list(taskmaster.dialog_sft_examples("taskmaster4", "all"))
+  assert len(examples) == 22315
+  assert examples[0]["inputs"] == "user: one Chai Latte please\nagent:"
+  assert examples[0]["targets"] == (
+      ' [api] {"get_menu_items": {"query": "Chai Latte"}}')
+
+
+@real_data
+def test_hh_harmless_base_test_pairs():
+  report.reset()
+  pairs = list(hh_rlhf.pairs("harmless-base", "test"))
+  assert len(pairs) == 2312
+  assert report.counts("hh_rlhf/harmless-base/test") == {"prompt_mismatch": 5}
+  assert all(p["prompt"].endswith("\n\nAssistant:") for p in pairs)
+
+
+@real_data
+def test_hh_preference_pipeline_on_real_data():
+  batch = next(pipeline.get_batches(
+      task="hh_rlhf_harmless_base_preference", split="test",
+      feature_lengths={"prompt": 256, "response": 128}, batch_size=4, seed=0))
+  assert batch["chosen_tokens"].shape == (4, 384)
+  assert (batch["chosen_response_mask"].sum(1) > 0).all()
