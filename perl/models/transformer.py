@@ -1,0 +1,428 @@
+"""Decoder-only transformer (Flax NNX) for the Llama 3, Qwen2 and Gemma 1/2 families.
+
+Pure architecture: no losses, no decoding loop (those live in model wrappers,
+perl/losses.py and perl/decoding.py). Every parameter carries logical axis
+names (t5x's: vocab, embed, mlp, heads, kv_heads, layers, lora_rank) and the
+main activations are constrained to (batch, length, embed/heads/mlp/vocab), so
+perl/partitioning.py maps them onto any mesh.
+
+Masks are built from "slots" (index along the key buffer) and segment ids
+(0 = padding, 1..n = packed sequences), which covers causal, padding, packed
+and KV-cache attention with one rule:
+  key j is visible to query i  iff  slot_j <= slot_i, seg_j == seg_i != 0
+  (and slot_i - slot_j < window on sliding-window layers).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perl import partitioning
+from perl.models.config import LoRAConfig, TransformerConfig
+from perl.models.lora import LoRADense
+
+# Large negative instead of -inf so fully masked (padding) rows stay finite.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+  """Logical sharding constraint; a no-op outside a mesh with axis rules."""
+  return partitioning.with_sharding_constraint(x, axes)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Key/value buffers for all layers, stacked on a leading layer axis."""
+
+  # [layers, batch, max_len, kv_heads, head_dim]
+  k: jax.Array
+  v: jax.Array
+  # [batch, max_len] segment id of each written slot (0 = empty or padding).
+  segment_ids: jax.Array
+  # Next slot to write (scalar int32).
+  index: jax.Array
+
+  @classmethod
+  def init(
+      cls, config: TransformerConfig, *, batch_size: int, max_length: int,
+      dtype: Any = None,
+  ) -> "KVCache":
+    shape = (
+        config.num_layers, batch_size, max_length, config.num_kv_heads,
+        config.head_dim,
+    )
+    dtype = dtype or config.dtype
+    return cls(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+    )
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[2]
+
+
+class RMSNorm(nnx.Module):
+
+  def __init__(self, dim: int, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.eps = config.norm_eps
+    self.plus_one = config.norm_scale_plus_one
+    self.dtype = config.dtype
+    # Gemma stores w with the norm computing x·(1 + w), so w starts at zero.
+    init = nnx.initializers.zeros_init() if self.plus_one else nnx.initializers.ones_init()
+    self.scale = nnx.Param(
+        nnx.with_partitioning(init, ("embed",))(
+            rngs.params(), (dim,), config.param_dtype
+        )
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...].astype(jnp.float32)
+    if self.plus_one:
+      scale = 1.0 + scale
+    return (x32 * scale).astype(self.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (as Hugging Face Llama/Qwen/Gemma)."""
+  head_dim = x.shape[-1]
+  freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, D/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Attention(nnx.Module):
+
+  def __init__(
+      self, config: TransformerConfig, adapters: Mapping[str, LoRAConfig], *,
+      rngs: nnx.Rngs,
+  ):
+    self.config = config
+    c = config
+    dense = functools.partial(
+        LoRADense, adapters=adapters, param_dtype=c.param_dtype, dtype=c.dtype,
+        rngs=rngs,
+    )
+    self.q = dense(c.embed_dim, c.num_heads * c.head_dim, name="q",
+                   axes=("embed", "heads"), use_bias=c.qkv_bias)
+    self.k = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="k",
+                   axes=("embed", "kv_heads"), use_bias=c.qkv_bias)
+    self.v = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="v",
+                   axes=("embed", "kv_heads"), use_bias=c.qkv_bias)
+    self.o = dense(c.num_heads * c.head_dim, c.embed_dim, name="o",
+                   axes=("heads", "embed"))
+
+  def __call__(
+      self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
+      kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
+      adapter: str | None, rng: jax.Array | None,
+  ):
+    c = self.config
+    b, t, _ = x.shape
+    rngs = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
+    q = self.q(x, adapter=adapter, dropout_rng=rngs[0]).reshape(b, t, c.num_heads, c.head_dim)
+    k = self.k(x, adapter=adapter, dropout_rng=rngs[1]).reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = self.v(x, adapter=adapter, dropout_rng=rngs[2]).reshape(b, t, c.num_kv_heads, c.head_dim)
+    q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", "kv"))
+    k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", "kv"))
+    v = constrain(v, ("batch", "length", "kv_heads", "kv"))
+
+    new_kv = None
+    if kv is not None:
+      cache_k, cache_v = kv
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+      new_kv = (k, v)
+      k, v = k.astype(c.dtype), v.astype(c.dtype)
+
+    if c.attn_logit_softcap is None:
+      out = jax.nn.dot_product_attention(
+          q, k, v, mask=mask[:, None], scale=c.attention_scale
+      )
+    else:
+      # jax.nn.dot_product_attention has no logit soft-cap (Gemma 2).
+      out = _softcapped_attention(q, k, v, mask, c.attention_scale, c.attn_logit_softcap)
+    out = constrain(out, ("batch", "length", "heads", "kv"))
+    out = self.o(out.reshape(b, t, c.num_heads * c.head_dim), adapter=adapter,
+                 dropout_rng=rngs[3])
+    return out, new_kv
+
+
+def _softcapped_attention(q, k, v, mask, scale, cap):
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, h // kh, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+  logits = _softcap(logits, cap)
+  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+class MLP(nnx.Module):
+
+  def __init__(
+      self, config: TransformerConfig, adapters: Mapping[str, LoRAConfig], *,
+      rngs: nnx.Rngs,
+  ):
+    c = config
+    dense = functools.partial(
+        LoRADense, adapters=adapters, param_dtype=c.param_dtype, dtype=c.dtype,
+        rngs=rngs,
+    )
+    self.activation = c.activation
+    self.gate = dense(c.embed_dim, c.mlp_dim, name="gate", axes=("embed", "mlp"))
+    self.up = dense(c.embed_dim, c.mlp_dim, name="up", axes=("embed", "mlp"))
+    self.down = dense(c.mlp_dim, c.embed_dim, name="down", axes=("mlp", "embed"))
+
+  def __call__(self, x, *, adapter, rng):
+    rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
+    gate = self.gate(x, adapter=adapter, dropout_rng=rngs[0])
+    if self.activation == "silu":
+      gate = jax.nn.silu(gate)
+    else:
+      gate = jax.nn.gelu(gate, approximate=True)
+    h = constrain(gate * self.up(x, adapter=adapter, dropout_rng=rngs[1]),
+                  ("batch", "length", "mlp"))
+    return self.down(h, adapter=adapter, dropout_rng=rngs[2])
+
+
+class Block(nnx.Module):
+  """Pre-norm block; Gemma 2 adds post-norms around attention and the MLP."""
+
+  def __init__(
+      self, config: TransformerConfig, adapters: Mapping[str, LoRAConfig], *,
+      rngs: nnx.Rngs,
+  ):
+    c = config
+    self.post_norms = c.post_norms
+    self.pre_attn_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
+    self.attn = Attention(c, adapters, rngs=rngs)
+    self.pre_mlp_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
+    self.mlp = MLP(c, adapters, rngs=rngs)
+    if c.post_norms:
+      self.post_attn_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
+      self.post_mlp_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
+
+  def __call__(self, x, *, positions, mask, window_ok, kv, cache_index,
+               adapter, rng):
+    attn_rng = mlp_rng = None
+    if rng is not None:
+      attn_rng, mlp_rng = jax.random.split(rng)
+    mask = mask & window_ok
+    h, new_kv = self.attn(
+        self.pre_attn_norm(x), positions=positions, mask=mask, kv=kv,
+        cache_index=cache_index, adapter=adapter, rng=attn_rng,
+    )
+    if self.post_norms:
+      h = self.post_attn_norm(h)
+    x = x + h
+    h = self.mlp(self.pre_mlp_norm(x), adapter=adapter, rng=mlp_rng)
+    if self.post_norms:
+      h = self.post_mlp_norm(h)
+    x = constrain(x + h, ("batch", "length", "embed"))
+    return x, new_kv
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nnx.Module):
+  """Embeddings → blocks → final norm → logits, with optional named LoRA adapters."""
+
+  def __init__(
+      self,
+      config: TransformerConfig,
+      *,
+      adapters: Mapping[str, LoRAConfig] | None = None,
+      rngs: nnx.Rngs,
+  ):
+    c = config
+    self.config = c
+    adapters = dict(adapters or {})
+    self.adapter_names = tuple(sorted(adapters))
+    self.embedder = nnx.Embed(
+        c.vocab_size, c.embed_dim, param_dtype=c.param_dtype, dtype=c.dtype,
+        embedding_init=nnx.with_partitioning(
+            nnx.initializers.normal(stddev=1.0 if c.scale_embeddings else c.embed_dim ** -0.5),
+            ("vocab", "embed"),
+        ),
+        rngs=rngs,
+    )
+    if c.scan_layers:
+      @nnx.split_rngs(splits=c.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs):
+        return Block(c, adapters, rngs=rngs)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(c, adapters, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
+    if not c.tie_embeddings:
+      self.unembed = nnx.Linear(
+          c.embed_dim, c.vocab_size, use_bias=False, param_dtype=c.param_dtype,
+          dtype=c.dtype,
+          kernel_init=nnx.with_partitioning(
+              nnx.initializers.lecun_normal(), ("embed", "vocab")
+          ),
+          rngs=rngs,
+      )
+
+  def __call__(
+      self,
+      tokens: jax.Array,
+      *,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      cache: KVCache | None = None,
+      adapter: str | None = None,
+      dropout_rng: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Logits [batch, length, vocab] (float32) and the updated cache."""
+    hidden, cache = self.hidden_states(
+        tokens, positions=positions, segment_ids=segment_ids, cache=cache,
+        adapter=adapter, dropout_rng=dropout_rng,
+    )
+    return self.logits(hidden), cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    c = self.config
+    if c.tie_embeddings:
+      logits = self.embedder.attend(hidden)
+    else:
+      logits = self.unembed(hidden)
+    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return _softcap(logits, c.final_logit_softcap)
+
+  def hidden_states(
+      self,
+      tokens: jax.Array,
+      *,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
+      cache: KVCache | None = None,
+      adapter: str | None = None,
+      dropout_rng: jax.Array | None = None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states [batch, length, embed] and the updated cache.
+
+    tokens: [B, T] ids. positions: [B, T] RoPE positions (default 0..T-1, or
+    continuing from the cache). segment_ids: [B, T], 0 on padding, 1..n for
+    packed sequences (default all ones). cache: KV buffers to read and write
+    at cache.index. adapter: name of the LoRA adapter to apply, None for the
+    bare base. dropout_rng: enables LoRA dropout (training only).
+    """
+    c = self.config
+    if adapter is not None and adapter not in self.adapter_names:
+      raise ValueError(
+          f"Unknown adapter {adapter!r}; this model has {self.adapter_names} "
+          "(or None for the base model)."
+      )
+    b, t = tokens.shape
+    if segment_ids is None:
+      segment_ids = jnp.ones((b, t), jnp.int32)
+    segment_ids = segment_ids.astype(jnp.int32)
+
+    if cache is None:
+      q_slot = jnp.arange(t)
+      k_slot = q_slot
+      k_seg = segment_ids
+      cache_index = None
+    else:
+      cache_index = cache.index
+      q_slot = cache_index + jnp.arange(t)
+      k_slot = jnp.arange(cache.max_length)
+      k_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))
+    if positions is None:
+      positions = jnp.broadcast_to(q_slot, (b, t))
+
+    mask = (
+        (k_slot[None, None, :] <= q_slot[None, :, None])
+        & (segment_ids[:, :, None] == k_seg[:, None, :])
+        & (k_seg[:, None, :] != 0)
+    )  # [B, T, S]
+    slot_distance = q_slot[:, None] - k_slot[None, :]  # [T, S]
+
+    x = self.embedder(tokens)
+    if c.scale_embeddings:
+      x = x * jnp.asarray(c.embed_dim ** 0.5, x.dtype)
+    x = constrain(x, ("batch", "length", "embed"))
+
+    windows = [c.layer_window(i) for i in range(c.num_layers)]
+    block_fn = _block_call(c, adapter)
+    new_k = new_v = None
+    if c.scan_layers:
+      window_ok = jnp.stack([
+          (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
+          for w in windows
+      ])
+      layer_rngs = (
+          None if dropout_rng is None
+          else jax.random.split(dropout_rng, c.num_layers)
+      )
+      kv = None if cache is None else (cache.k, cache.v)
+
+      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run_layers(block, x, window_ok, layer_kv, layer_rng):
+        return block_fn(block, x, positions, mask, window_ok, layer_kv,
+                        cache_index, layer_rng)
+
+      x, stacked_kv = run_layers(self.blocks, x, window_ok, kv, layer_rngs)
+      if cache is not None:
+        new_k, new_v = stacked_kv
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        w = windows[i]
+        window_ok = (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
+        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+        layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+        x, layer_new_kv = block_fn(block, x, positions, mask, window_ok,
+                                   layer_kv, cache_index, layer_rng)
+        if cache is not None:
+          ks.append(layer_new_kv[0])
+          vs.append(layer_new_kv[1])
+      if cache is not None:
+        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+
+    hidden = self.final_norm(x)
+    if cache is not None:
+      cache = KVCache(k=new_k, v=new_v, segment_ids=k_seg, index=cache_index + t)
+    return hidden, cache
+
+
+def _block_call(config: TransformerConfig, adapter: str | None):
+  """block(x, ...) with the configured rematerialisation applied."""
+
+  def call(block, x, positions, mask, window_ok, kv, cache_index, rng):
+    return block(x, positions=positions, mask=mask, window_ok=window_ok, kv=kv,
+                 cache_index=cache_index, adapter=adapter, rng=rng)
+
+  if config.remat_policy == "none":
+    return call
+  return nnx.remat(call, policy=_REMAT_POLICIES[config.remat_policy])
