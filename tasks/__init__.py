@@ -1,6 +1,10 @@
 """Importing `tasks` registers every SeqIO task and mixture (idempotent)."""
-from tasks import hh_rlhf, synthetic, taskmaster
+from tasks import bolt, hh_rlhf, mixtures, shp, synthetic, taskmaster, tldr
 
 synthetic.register()
 taskmaster.register()
 hh_rlhf.register()
+tldr.register()
+shp.register()
+bolt.register()
+mixtures.register()

@@ -172,3 +172,11 @@ class ConfiguredVocabulary(seqio.Vocabulary):
 
   def decode_tf(self, ids):
     return self.resolved.decode_tf(ids)
+
+  # All instances resolve to the same vocabulary, so tasks registered with
+  # different instances can still form a seqio.Mixture.
+  def __eq__(self, other) -> bool:
+    return isinstance(other, ConfiguredVocabulary)
+
+  def __hash__(self) -> int:
+    return hash(ConfiguredVocabulary)
