@@ -157,3 +157,14 @@ def test_sharding_splits_examples_between_hosts(small_config):
   all_prompts = [tuple(synthetic.vocabulary().encode(r["prompt"]))
                  for r in synthetic.generate("prompts", "validation", SMALL)]
   assert [tuple(t for t in row if t) for row in first] == all_prompts[0::2]
+
+
+def test_sizes_are_gin_configurable():
+  import gin
+
+  with gin.unlock_config():
+    gin.parse_config(["tasks.synthetic.SyntheticConfig.num_validation = 7"])
+  try:
+    assert len(list(synthetic.generate("prompts", "validation"))) == 7
+  finally:
+    gin.clear_config()
