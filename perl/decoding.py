@@ -121,8 +121,10 @@ def generate(
     i, done = carry[0], carry[3]
     return (i < steps) & ~jnp.all(done)
 
+  # The parameters ride in the loop carry (unchanged) because nnx transforms
+  # inside the body (scan over layers) refuse Variables from an outer trace.
   def body(carry):
-    i, logits, cache, done, pos, rng, tokens, logprobs, mask = carry
+    i, logits, cache, done, pos, rng, tokens, logprobs, mask, state = carry
     rng, step_rng = jax.random.split(rng)
     token = _choose(logits, step_rng, config)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
@@ -138,7 +140,8 @@ def generate(
         token[:, None], positions=pos[:, None],
         segment_ids=jnp.ones((batch, 1), jnp.int32), cache=cache, adapter=adapter,
     )
-    return (i + 1, logits[:, 0], cache, done, pos + 1, rng, tokens, logprobs, mask)
+    return (i + 1, logits[:, 0], cache, done, pos + 1, rng, tokens, logprobs,
+            mask, state)
 
   init = (
       jnp.zeros((), jnp.int32), logits, cache, jnp.zeros((batch,), bool), next_pos,
@@ -146,6 +149,7 @@ def generate(
       jnp.full((batch, steps), config.pad_id, jnp.int32),
       jnp.zeros((batch, steps), jnp.float32),
       jnp.zeros((batch, steps), jnp.int32),
+      state,
   )
   out = jax.lax.while_loop(cond, body, init)
   tokens, logprobs, mask = out[6], out[7], out[8]
