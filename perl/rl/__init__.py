@@ -1,0 +1,1 @@
+"""RL for LoRA policies: KL estimators, advantages, policy/value objectives."""
