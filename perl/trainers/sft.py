@@ -1,0 +1,144 @@
+"""Supervised fine-tuning: LoRA or full, on packed sequences, loss on targets.
+
+Batches come from SeqIO's DecoderFeatureConverter with packing
+(decoder_input_tokens / decoder_target_tokens / decoder_segment_ids /
+decoder_positions / decoder_loss_weights, loss weights 1 on targets only).
+The usual first stage of the project: full fine-tuning of a tiny model from
+scratch on `synthetic_sft` makes the "pretrained base" that the reward model
+and the policy start from; `export/` under MODEL_DIR holds its weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from perl import checkpoints, losses, partitioning
+from perl.data import pipeline
+from perl.models import lora as lora_lib
+from perl.models.config import LoRAConfig, TransformerConfig
+from perl.models.transformer import Transformer
+from perl.trainers import core, loop
+
+ADAPTER = "sft"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SftModel:
+  """Token cross-entropy of a `Transformer` on decoder features."""
+
+  # Adapter to run (None: the bare model, for full fine-tuning).
+  adapter: str | None = None
+
+  def logits(self, module: Transformer, batch, rng=None) -> jax.Array:
+    segment_ids = batch.get("decoder_segment_ids")
+    if segment_ids is None:
+      segment_ids = (batch["decoder_target_tokens"] != 0).astype(jnp.int32)
+    logits, _ = module(batch["decoder_input_tokens"],
+                       positions=batch.get("decoder_positions"),
+                       segment_ids=segment_ids, adapter=self.adapter,
+                       dropout_rng=rng)
+    return logits
+
+  def loss_fn(self, module, batch, rng):
+    logits = self.logits(module, batch, rng)
+    targets = batch["decoder_target_tokens"]
+    weights = batch["decoder_loss_weights"]
+    loss_sum, denom = losses.token_cross_entropy(logits, targets,
+                                                 weights=weights)
+    correct, count = losses.token_accuracy(logits, targets, weights=weights)
+    return loss_sum, denom, {"accuracy": (correct, count)}
+
+  def eval_sums(self, module, batch) -> dict[str, jax.Array]:
+    logits = self.logits(module, batch)
+    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+    loss_sum, denom = losses.token_cross_entropy(logits, targets, weights=weights)
+    correct, _ = losses.token_accuracy(logits, targets, weights=weights)
+    return {"loss_sum": loss_sum, "correct": correct, "tokens": denom}
+
+
+@gin.configurable(module="perl.trainers.sft")
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    model_config: TransformerConfig = gin.REQUIRED,
+    base_checkpoint: str | None = None,
+    finetune: str = "full",
+    lora: LoRAConfig = LoRAConfig(),
+    optimizer: core.OptimizerConfig = core.OptimizerConfig(),
+    checkpoint: checkpoints.CheckpointConfig = checkpoints.CheckpointConfig(),
+    grad_accum_steps: int = 1,
+    eval_every: int = 0,
+    eval_split: str = "validation",
+    eval_batch_size: int | None = None,
+    eval_max_batches: int | None = 8,
+    mesh: str = "data=-1",
+    seed: int = 0,
+    log_every: int = 10,
+) -> dict[str, Any]:
+  """SFT; writes MODEL_DIR/export (merged full weights) at the end."""
+  kind = pipeline.task_kind(mixture_or_task_name)
+  if kind != "sft":
+    raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; SFT "
+                     "needs an sft task (inputs/targets), e.g. synthetic_sft.")
+  if finetune not in ("lora", "full"):
+    raise ValueError(f"finetune={finetune!r}: use 'lora' or 'full'.")
+  partitioner = partitioning.Partitioner(mesh)
+  adapters = {ADAPTER: lora} if finetune == "lora" else None
+  module = partitioner.create_sharded_model(
+      lambda: Transformer(model_config, adapters=adapters, rngs=nnx.Rngs(seed)))
+  if base_checkpoint:
+    checkpoints.load_base(base_checkpoint, module)
+  elif finetune == "lora":
+    logging.warning("LoRA SFT without BASE_CHECKPOINT trains an adapter on a "
+                    "random base.")
+  trainable = lora_lib.adapter_filter(ADAPTER) if adapters else nnx.Param
+  print(f"sft ({finetune}): {lora_lib.trainable_summary(module, trainable)}",
+        flush=True)
+  sft = SftModel(adapter=ADAPTER if adapters else None)
+  trainer = core.Trainer(
+      model=module, trainable=trainable, loss_fn=sft.loss_fn,
+      optimizer=optimizer, total_steps=train_steps, partitioner=partitioner,
+      grad_accum_steps=grad_accum_steps)
+  batches = loop.eval_batches(
+      task=mixture_or_task_name, feature_lengths=task_feature_lengths,
+      batch_size=eval_batch_size or batch_size, partitioner=partitioner,
+      split=eval_split, max_batches=eval_max_batches)
+  eval_step = trainer.jit_eval(sft.eval_sums)
+
+  def evaluate() -> dict[str, float]:
+    totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+    for batch, n in batches():
+      if n < len(next(iter(batch.values()))):  # padded rows: weight them out
+        batch = dict(batch)
+        weights = np.array(batch["decoder_loss_weights"])
+        weights[n:] = 0
+        batch["decoder_loss_weights"] = weights
+      for k, v in jax.device_get(eval_step(batch)).items():
+        totals[k] += float(v)
+    tokens = max(totals["tokens"], 1.0)
+    return {"loss": totals["loss_sum"] / tokens,
+            "accuracy": totals["correct"] / tokens, "tokens": totals["tokens"]}
+
+  def on_finish(t: core.Trainer):
+    checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
+                              t.model(), sft.adapter)
+
+  return loop.fit(
+      trainer=trainer, model_dir=model_dir, train_steps=train_steps,
+      train_batches=loop.train_batches(
+          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
+          batch_size=batch_size, partitioner=partitioner, seed=seed),
+      evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
+      best_metric=None, log_every=log_every, seed=seed, on_finish=on_finish)
