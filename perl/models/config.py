@@ -8,7 +8,7 @@ live in gin files under configs/models/.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import jax.numpy as jnp
 
@@ -16,6 +16,28 @@ import jax.numpy as jnp
 ATTENTION_PROJECTIONS = ("q", "k", "v", "o")
 MLP_PROJECTIONS = ("gate", "up", "down")
 ALL_PROJECTIONS = ATTENTION_PROJECTIONS + MLP_PROJECTIONS
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+  """Llama 3.1 RoPE frequency scaling (Hugging Face rope_type "llama3").
+
+  Long wavelengths are divided by `factor`, short ones kept, and the band in
+  between interpolated, so the model extends past its pre-training context.
+  """
+
+  rope_type: Literal["llama3"] = "llama3"
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position_embeddings: int
+
+  def __post_init__(self):
+    if self.rope_type != "llama3":
+      raise ValueError(
+          f"Unsupported rope_scaling type {self.rope_type!r}; only 'llama3' "
+          "(Llama 3.1/3.2) is implemented."
+      )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,6 +66,9 @@ class TransformerConfig:
   norm_scale_plus_one: bool = False
   # Base period of the rotary position embedding.
   rope_theta: float = 10_000.0
+  # Llama 3.1 frequency scaling; a mapping (e.g. from gin or an HF config)
+  # is converted to RopeScaling so the config stays hashable.
+  rope_scaling: RopeScaling | None = None
   # Share the embedding table with the output projection.
   tie_embeddings: bool = False
   # Add biases to the q, k and v projections (Qwen2).
@@ -74,6 +99,8 @@ class TransformerConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"num_heads={self.num_heads} must be a multiple of "

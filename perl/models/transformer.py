@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perl import partitioning
-from perl.models.config import LoRAConfig, TransformerConfig
+from perl.models.config import LoRAConfig, RopeScaling, TransformerConfig
 from perl.models.lora import LoRADense
 
 # Large negative instead of -inf so fully masked (padding) rows stay finite.
@@ -93,16 +93,34 @@ class RMSNorm(nnx.Module):
     return (x32 * scale).astype(self.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def apply_rope(
+    x: jax.Array, positions: jax.Array, theta: float,
+    scaling: RopeScaling | None = None,
+) -> jax.Array:
   """Rotary embedding, half-split layout (as Hugging Face Llama/Qwen/Gemma)."""
   head_dim = x.shape[-1]
   freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  if scaling is not None:
+    freq = _llama3_scaled_frequencies(freq, scaling)
   angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, D/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def _llama3_scaled_frequencies(freq: jax.Array, s: RopeScaling) -> jax.Array:
+  """Llama 3.1 frequency scaling, the formula of HF's _compute_llama3_parameters."""
+  low_freq_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+  high_freq_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+  wavelen = 2 * jnp.pi / freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, freq / s.factor, freq)
+  smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+      s.high_freq_factor - s.low_freq_factor)
+  smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+  medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
 
 
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
@@ -141,8 +159,10 @@ class Attention(nnx.Module):
     q = self.q(x, adapter=adapter, dropout_rng=rngs[0]).reshape(b, t, c.num_heads, c.head_dim)
     k = self.k(x, adapter=adapter, dropout_rng=rngs[1]).reshape(b, t, c.num_kv_heads, c.head_dim)
     v = self.v(x, adapter=adapter, dropout_rng=rngs[2]).reshape(b, t, c.num_kv_heads, c.head_dim)
-    q = constrain(apply_rope(q, positions, c.rope_theta), ("batch", "length", "heads", "kv"))
-    k = constrain(apply_rope(k, positions, c.rope_theta), ("batch", "length", "kv_heads", "kv"))
+    q = constrain(apply_rope(q, positions, c.rope_theta, c.rope_scaling),
+                  ("batch", "length", "heads", "kv"))
+    k = constrain(apply_rope(k, positions, c.rope_theta, c.rope_scaling),
+                  ("batch", "length", "kv_heads", "kv"))
     v = constrain(v, ("batch", "length", "kv_heads", "kv"))
 
     new_kv = None
