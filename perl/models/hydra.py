@@ -1,0 +1,95 @@
+"""Hydra: one frozen backbone, many heads (Hydra-RLHF, arXiv 2309.00754).
+
+A single `Transformer` holds the base weights once and carries named LoRA
+adapters for every role RL needs:
+
+  adapter "policy"  the policy being trained
+  adapter "value"   the value model (its own adapter, the policy's rank, as in
+                    PERL) read out by `value_head`
+  adapter "reward"  the reward model (when it shares the policy's base) read
+                    out by `reward_head`
+  adapter None      the anchor / reference policy: the bare base
+
+So policy, value, reward and reference cost one copy of the base weights plus
+small adapters. Pure architecture: RL losses live in perl/rl and the trainer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from perl.models.config import LoRAConfig, TransformerConfig
+from perl.models.heads import ScalarHead, gather_last
+from perl.models.transformer import Transformer
+
+POLICY = "policy"
+VALUE = "value"
+REWARD = "reward"
+
+
+class HydraModule(nnx.Module):
+  """Backbone + policy/value/reward adapters + value and reward heads."""
+
+  def __init__(
+      self,
+      config: TransformerConfig,
+      *,
+      policy_lora: LoRAConfig,
+      value_lora: LoRAConfig | None = None,
+      with_value_head: bool = True,
+      reward_lora: LoRAConfig | None = None,
+      rngs: nnx.Rngs,
+  ):
+    adapters = {POLICY: policy_lora}
+    if value_lora is not None:
+      adapters[VALUE] = value_lora
+    if reward_lora is not None:
+      adapters[REWARD] = reward_lora
+    self.backbone = Transformer(config, adapters=adapters, rngs=rngs)
+    # Without a value adapter the value head reads the bare base's features.
+    self.value_adapter = VALUE if value_lora is not None else None
+    self.value_head = (
+        ScalarHead(config.embed_dim, rngs=rngs)
+        if with_value_head or value_lora is not None else None)
+    self.reward_head = (
+        ScalarHead(config.embed_dim, rngs=rngs) if reward_lora is not None else None)
+
+  @property
+  def has_value(self) -> bool:
+    return self.value_head is not None
+
+  @property
+  def has_reward(self) -> bool:
+    return self.reward_head is not None
+
+  def logits(self, tokens, *, positions, segment_ids, adapter: str | None = POLICY,
+             dropout_rng=None) -> jax.Array:
+    """[B, T, V] logits of the policy (adapter="policy") or anchor (None)."""
+    return self.backbone(tokens, positions=positions, segment_ids=segment_ids,
+                         adapter=adapter, dropout_rng=dropout_rng)[0]
+
+  def values(self, tokens, *, positions, segment_ids, dropout_rng=None) -> jax.Array:
+    """[B, T] value estimate after each position."""
+    if self.value_head is None:
+      raise ValueError("This HydraModule has no value head (with_value_head=False).")
+    hidden, _ = self.backbone.hidden_states(
+        tokens, positions=positions, segment_ids=segment_ids,
+        adapter=self.value_adapter, dropout_rng=dropout_rng)
+    return self.value_head(hidden)
+
+  def reward(self, tokens, *, positions, segment_ids) -> jax.Array:
+    """[B] reward of each sequence, read at its last real token."""
+    if self.reward_head is None:
+      raise ValueError(
+          "This HydraModule carries no reward adapter: give it reward_lora, or "
+          "score with a separate RewardModule.")
+    hidden, _ = self.backbone.hidden_states(
+        tokens, positions=positions, segment_ids=segment_ids, adapter=REWARD)
+    return self.reward_head(gather_last(hidden, segment_ids))
+
+
+def sequence_positions(segment_ids: jax.Array) -> jax.Array:
+  """RoPE positions for [left-padded prompt | response | padding] rows."""
+  return jnp.maximum(jnp.cumsum(segment_ids.astype(jnp.int32), axis=1) - 1, 0)

@@ -1,0 +1,527 @@
+"""LoRA-only policy training with RL (PERL), on the Hydra shared backbone.
+
+One RL step:
+  sample    responses to a batch of prompts with the policy adapter
+            (perl.decoding: prefill + KV cache, one jitted program)
+  score     them with the reward model: the "reward" adapter + head on the
+            same backbone (Hydra), or a separate RewardModule
+  logprobs  policy and anchor log-probs of the sampled tokens (the anchor is
+            the same backbone with no adapter) and the value estimates
+  advantage REINFORCE with a value baseline (PERL), RLOO, group-normalised
+            (GRPO) or PPO's GAE, with a KL penalty to the anchor
+  update    of the policy adapter, the value adapter and the value head only
+
+`PolicyTrainer` is a `core.Trainer` whose train_step runs the whole step, so
+`loop.fit` gives RL the same checkpoints, exact resume, eval and metrics as
+the reward model and SFT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Literal, Mapping
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from perl import decoding, partitioning
+from perl.models import lora as lora_lib
+from perl.models.hydra import POLICY, VALUE, HydraModule, sequence_positions
+from perl.models.heads import RewardModule
+from perl.rl import advantages as adv_lib
+from perl.rl import kl as kl_lib
+from perl.rl import objectives
+from perl.trainers import core
+
+ALGORITHMS = ("reinforce", "rloo", "grpo", "ppo")
+
+
+@gin.configurable(module="perl.trainers.policy")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RLConfig:
+  """The RL algorithm and its knobs."""
+
+  # "reinforce" (PERL: REINFORCE, learned value baseline), "rloo", "grpo", "ppo".
+  algorithm: Literal["reinforce", "rloo", "grpo", "ppo"] = "reinforce"
+  # Responses sampled per prompt (RLOO and GRPO need at least 2).
+  samples_per_prompt: int = 1
+  # KL coefficient β: fixed (PERL: 0.05) or adaptive towards a target KL.
+  kl: kl_lib.KLControllerConfig = kl_lib.KLControllerConfig()
+  # Per-token KL(π‖π_anchor) estimator: "k1", "k2" or "k3".
+  kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+  # "reward": −β·KL is part of the return; "loss": β·KL is added to the loss.
+  kl_mode: Literal["reward", "loss"] = "reward"
+  # PERL's objective (1−β)·r − β·KL; False gives r − β·KL.
+  scale_reward_by_one_minus_beta: bool = True
+  # Whiten advantages over the batch (not applied to GRPO's, already normalised).
+  whiten_advantages: bool = True
+  # Weight of the value loss.
+  value_coef: float = 0.5
+  # Weight of the entropy bonus (0 disables).
+  entropy_coef: float = 0.0
+  # PPO: clip range of the probability ratio.
+  clip_ratio: float = 0.2
+  # PPO: clip range of value updates around the rollout values (None: off).
+  value_clip: float | None = 0.2
+  # PPO: passes over each rollout batch.
+  ppo_epochs: int = 2
+  # PPO: minibatches per pass.
+  num_minibatches: int = 1
+  # GAE discount (PPO).
+  gamma: float = 1.0
+  # GAE λ (PPO).
+  lam: float = 0.95
+  # Added to the reward of responses that end without EOS (None: off).
+  missing_eos_penalty: float | None = None
+
+  def __post_init__(self):
+    if self.algorithm not in ALGORITHMS:
+      raise ValueError(f"RLConfig.algorithm={self.algorithm!r}: choose one of {ALGORITHMS}.")
+    if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
+      raise ValueError(
+          f"{self.algorithm} compares samples of the same prompt: set "
+          f"RLConfig.samples_per_prompt >= 2 (got {self.samples_per_prompt}).")
+
+  @property
+  def uses_value(self) -> bool:
+    return self.algorithm in ("reinforce", "ppo")
+
+  @property
+  def updates_per_rollout(self) -> int:
+    return self.ppo_epochs * self.num_minibatches if self.algorithm == "ppo" else 1
+
+
+def trainable_filter() -> nnx.filterlib.Filter:
+  """Policy and value adapters plus the value head; never the base or the RM."""
+  return nnx.Any(lora_lib.adapter_filter(POLICY), lora_lib.adapter_filter(VALUE),
+                 nnx.PathContains("value_head"))
+
+
+def response_logprobs(logits: jax.Array, tokens: jax.Array, prompt_length: int):
+  """log π of the response tokens and the logits that predicted them."""
+  predicting = logits[:, prompt_length - 1:-1]
+  targets = tokens[:, prompt_length:]
+  logp = jnp.take_along_axis(jax.nn.log_softmax(predicting), targets[..., None], -1)[..., 0]
+  return logp, predicting
+
+
+class PolicyTrainer(core.Trainer):
+  """core.Trainer whose step is a whole RL iteration (rollout + updates)."""
+
+  def __init__(
+      self, *, module: HydraModule, rl: RLConfig, sampling: decoding.SamplingConfig,
+      optimizer: core.OptimizerConfig, total_steps: int,
+      partitioner: partitioning.Partitioner,
+      reward_module: RewardModule | None = None,
+  ):
+    if rl.uses_value and not module.has_value:
+      raise ValueError(f"{rl.algorithm} needs a value model: build the HydraModule "
+                       "with a value adapter or value head.")
+    if reward_module is None and not module.has_reward:
+      raise ValueError("No reward model: give a separate RewardModule or a "
+                       "HydraModule with a reward adapter.")
+    self.rl = rl
+    self.sampling = sampling
+    self.kl_controller = kl_lib.KLController(rl.kl)
+    super().__init__(
+        model=module, trainable=trainable_filter(), loss_fn=self._loss_fn,
+        optimizer=optimizer, total_steps=total_steps * rl.updates_per_rollout,
+        partitioner=partitioner)
+    self.reward_graphdef = self.reward_state = None
+    if reward_module is not None:
+      self.reward_graphdef, state = nnx.split(reward_module)
+      self.reward_state = partitioner.shard_state(state)
+    self._rollout_fns: dict[Any, Callable] = {}
+    self._advantages_fn = jax.jit(self._advantages)
+
+  # -- RL iterations, not optimizer updates, are the loop's steps -------------
+
+  @property
+  def step(self) -> int:
+    return int(self.state.step) // self.rl.updates_per_rollout
+
+  # -- jitted pieces of the rollout ------------------------------------------
+
+  def _jit(self, name, fn, *arg_shardings):
+    if name not in self._rollout_fns:
+      self._rollout_fns[name] = self.partitioner.jit(fn, in_shardings=arg_shardings)
+    return self._rollout_fns[name]
+
+  def _merge(self, params, frozen) -> HydraModule:
+    return nnx.merge(self.graphdef, params, frozen)
+
+  def sample(self, prompts, mask, rng, *, config=None, adapter=POLICY):
+    config = config or self.sampling
+    bs = self.partitioner.batch_sharding()
+
+    def fn(params, frozen, prompts, mask, rng):
+      model = self._merge(params, frozen)
+      return decoding.generate(model.backbone, prompts, mask, rng, config=config,
+                               adapter=adapter)
+
+    replicated = NamedSharding(self.partitioner.mesh, P())
+    f = self._jit(("sample", config, adapter), fn, self.params_shardings,
+                  self.frozen_shardings, bs, bs, replicated)
+    return f(self.state.params, self.frozen, prompts, mask, rng)
+
+  def score(self, tokens, segment_ids):
+    """[B] reward-model scores of [prompt | response] rows."""
+    bs = self.partitioner.batch_sharding()
+    if self.reward_state is None:
+      def fn(params, frozen, tokens, seg):
+        return self._merge(params, frozen).reward(
+            tokens, positions=sequence_positions(seg), segment_ids=seg)
+      f = self._jit("score", fn, self.params_shardings, self.frozen_shardings, bs, bs)
+      return f(self.state.params, self.frozen, tokens, segment_ids)
+
+    def fn(state, tokens, seg):
+      module = nnx.merge(self.reward_graphdef, state)
+      return module(tokens, positions=sequence_positions(seg), segment_ids=seg)
+    f = self._jit("score_separate", fn, self.partitioner.state_shardings(self.reward_state),
+                  bs, bs)
+    return f(self.reward_state, tokens, segment_ids)
+
+  def logprobs(self, tokens, segment_ids, prompt_length: int):
+    """Policy and anchor log-probs, entropy and values of the response tokens."""
+    bs = self.partitioner.batch_sharding()
+    uses_value = self.rl.uses_value
+
+    def fn(params, frozen, tokens, seg):
+      model = self._merge(params, frozen)
+      pos = sequence_positions(seg)
+      policy_logits = model.logits(tokens, positions=pos, segment_ids=seg, adapter=POLICY)
+      anchor_logits = model.logits(tokens, positions=pos, segment_ids=seg, adapter=None)
+      policy_logp, predicting = response_logprobs(policy_logits, tokens, prompt_length)
+      anchor_logp, _ = response_logprobs(anchor_logits, tokens, prompt_length)
+      out = {"policy_logp": policy_logp, "anchor_logp": anchor_logp,
+             "entropy": objectives.entropy_from_logits(predicting)}
+      if uses_value:
+        values = model.values(tokens, positions=pos, segment_ids=seg)
+        out["values"] = values[:, prompt_length - 1:-1]
+      return out
+
+    f = self._jit(("logprobs", prompt_length), fn, self.params_shardings,
+                  self.frozen_shardings, bs, bs)
+    return f(self.state.params, self.frozen, tokens, segment_ids)
+
+  # -- advantages -------------------------------------------------------------
+
+  def _advantages(self, scores, lp, mask, done, beta):
+    rl = self.rl
+    mask = mask.astype(jnp.float32)
+    if rl.missing_eos_penalty is not None:
+      scores = scores + jnp.where(done, 0.0, rl.missing_eos_penalty)
+    kl_tok = kl_lib.kl_estimate(lp["policy_logp"], lp["anchor_logp"], rl.kl_estimator) * mask
+    seq_kl = kl_tok.sum(axis=1)
+    scale = (1.0 - beta) if rl.scale_reward_by_one_minus_beta else 1.0
+    in_reward = rl.kl_mode == "reward"
+    seq_return = scale * scores - (beta * seq_kl if in_reward else 0.0)
+    b, n = mask.shape
+    value_mask = jnp.zeros_like(mask)
+    value_targets = jnp.zeros_like(mask)
+    old_values = lp.get("values", jnp.zeros_like(mask))
+    k = rl.samples_per_prompt
+    if rl.algorithm == "reinforce":
+      baseline = old_values[:, 0]  # V(prompt): read at the last prompt token
+      advantages = (seq_return - baseline)[:, None] * mask
+      value_targets = jnp.broadcast_to(seq_return[:, None], (b, n))
+      value_mask = value_mask.at[:, 0].set(1.0)
+    elif rl.algorithm == "rloo":
+      advantages = (seq_return - adv_lib.rloo_baseline(seq_return, k))[:, None] * mask
+    elif rl.algorithm == "grpo":
+      advantages = adv_lib.group_normalized(seq_return, k)[:, None] * mask
+    else:  # ppo
+      rewards = adv_lib.last_token_rewards(scale * scores, mask)
+      if in_reward:
+        rewards = rewards - beta * kl_tok
+      advantages, value_targets = adv_lib.gae(
+          rewards, old_values, mask, gamma=rl.gamma, lam=rl.lam)
+      value_mask = mask
+    if rl.whiten_advantages and rl.algorithm != "grpo":
+      advantages = adv_lib.masked_whiten(advantages, mask)
+    stats = {
+        "reward_mean": scores.mean(), "reward_std": scores.std(),
+        "kl": seq_kl.mean(), "return_mean": seq_return.mean(),
+        "advantage_mean": adv_lib.masked_mean(advantages, mask),
+        "advantage_std": jnp.sqrt(adv_lib.masked_mean(jnp.square(advantages), mask)),
+        "response_length": mask.sum(axis=1).mean(),
+        "entropy": adv_lib.masked_mean(lp["entropy"], mask),
+    }
+    if rl.uses_value:
+      stats["explained_variance"] = objectives.explained_variance(
+          old_values, value_targets, value_mask)
+    update = {"advantages": advantages, "value_targets": value_targets,
+              "value_mask": value_mask, "old_values": old_values,
+              "old_logp": lp["policy_logp"], "anchor_logp": lp["anchor_logp"]}
+    return update, stats
+
+  # -- the update loss --------------------------------------------------------
+
+  def _loss_fn(self, model: HydraModule, batch, rng):
+    rl = self.rl
+    tokens, seg = batch["tokens"], batch["segment_ids"]
+    prompt_length = tokens.shape[1] - batch["response_mask"].shape[1]
+    pos = sequence_positions(seg)
+    mask = batch["response_mask"].astype(jnp.float32)
+    policy_rng = value_rng = None
+    if rng is not None:
+      policy_rng, value_rng = jax.random.split(rng)
+    logits = model.logits(tokens, positions=pos, segment_ids=seg, adapter=POLICY,
+                          dropout_rng=policy_rng)
+    logp, predicting = response_logprobs(logits, tokens, prompt_length)
+    if rl.algorithm == "ppo":
+      loss_sum, count, clipped = objectives.ppo_policy_loss(
+          logp, batch["old_logp"], batch["advantages"], mask, clip_ratio=rl.clip_ratio)
+    else:
+      loss_sum, count = objectives.policy_gradient_loss(logp, batch["advantages"], mask)
+      clipped = jnp.zeros(())
+    metrics = {"policy_loss": (loss_sum, count), "clip_fraction": (clipped, count)}
+    if rl.kl_mode == "loss":
+      kl_sum = (kl_lib.kl_estimate(logp, batch["anchor_logp"], rl.kl_estimator) * mask).sum()
+      loss_sum = loss_sum + batch["beta"][0] * kl_sum
+      metrics["kl_loss"] = (kl_sum, count)
+    if rl.entropy_coef:
+      ent_sum = (objectives.entropy_from_logits(predicting) * mask).sum()
+      loss_sum = loss_sum - rl.entropy_coef * ent_sum
+    if rl.uses_value:
+      values = model.values(tokens, positions=pos, segment_ids=seg,
+                            dropout_rng=value_rng)[:, prompt_length - 1:-1]
+      v_sum, v_count = objectives.value_loss(
+          values, batch["value_targets"], batch["value_mask"],
+          old_values=batch["old_values"],
+          clip=rl.value_clip if rl.algorithm == "ppo" else None)
+      # Weighted per token so the (sum, denominator) total stays one mean.
+      loss_sum = loss_sum + rl.value_coef * v_sum * count / jnp.maximum(v_count, 1.0)
+      metrics["value_loss"] = (v_sum, v_count)
+    return loss_sum, count, metrics
+
+  # -- one RL iteration -------------------------------------------------------
+
+  def _to_local(self, tree):
+    """Global arrays → this process's rows as numpy (what shard_batch takes)."""
+    if jax.process_count() == 1:
+      return jax.tree.map(np.asarray, tree)
+    spec = P(partitioning.BATCH_MESH_AXES)
+    return jax.tree.map(
+        lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
+            x, self.partitioner.mesh, spec)), tree)
+
+  def train_step(self, batch: Mapping[str, np.ndarray], rng: jax.Array
+                 ) -> dict[str, Any]:
+    rl = self.rl
+    k = rl.samples_per_prompt
+    prompts = np.repeat(batch["prompt_tokens"], k, axis=0)
+    prompt_mask = np.repeat(batch["prompt_mask"], k, axis=0)
+    prompt_length = prompts.shape[1]
+    step_rng = jax.random.fold_in(rng, self.step)
+    timings = {}
+
+    t = time.perf_counter()
+    shard = self.partitioner.shard_batch({"p": prompts, "m": prompt_mask})
+    out = jax.block_until_ready(self.sample(shard["p"], shard["m"], step_rng))
+    timings["time_sample"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    tokens = jnp.concatenate([shard["p"], out.tokens], axis=1)
+    seg = jnp.concatenate([shard["m"], out.mask], axis=1)
+    scores = jax.block_until_ready(self.score(tokens, seg))
+    timings["time_score"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    lp = jax.block_until_ready(self.logprobs(tokens, seg, prompt_length))
+    timings["time_logprobs"] = time.perf_counter() - t
+
+    beta = self.kl_controller.value
+    done = out.mask.sum(axis=1) < out.mask.shape[1]
+    if self.sampling.eos_id is not None:
+      ends_with_eos = jnp.any((out.tokens == self.sampling.eos_id) & (out.mask > 0), axis=1)
+      done = done | ends_with_eos
+    update, stats = self._advantages_fn(scores, lp, out.mask, done, jnp.float32(beta))
+    update.update(tokens=tokens, segment_ids=seg, response_mask=out.mask,
+                  beta=jnp.full((tokens.shape[0],), beta, jnp.float32))
+    local = self._to_local(update)
+
+    t = time.perf_counter()
+    rows = local["tokens"].shape[0]
+    n_mb = rl.num_minibatches if rl.algorithm == "ppo" else 1
+    if rows % n_mb:
+      raise ValueError(f"{rows} rollout rows do not split into {n_mb} minibatches.")
+    metrics: dict[str, Any] = {}
+    order = np.arange(rows)
+    for epoch in range(rl.updates_per_rollout // n_mb):
+      if epoch:
+        order = np.random.default_rng([self.step, epoch]).permutation(rows)
+      for chunk in np.split(order, n_mb):
+        metrics = super().train_step({key: v[chunk] for key, v in local.items()}, rng)
+    metrics = jax.device_get(metrics)
+    timings["time_update"] = time.perf_counter() - t
+
+    stats = jax.device_get(stats)
+    self.kl_controller.update(float(stats["kl"]), rows)
+    metrics.update({key: float(v) for key, v in stats.items()})
+    metrics.update(timings)
+    metrics["kl_coef"] = beta
+    return metrics
+
+
+# The gin entry point
+# ------------------------------------------------------------------------------
+
+REWARD_PARAMS = nnx.Any(lora_lib.adapter_filter("reward"), nnx.PathContains("reward_head"))
+
+
+def load_reward_adapter(reward_checkpoint: str, module: HydraModule) -> str:
+  """Loads a LoRA reward model's adapter + head into the Hydra backbone.
+
+  Reads the best checkpoint of the reward-model run (else its latest): the
+  adapter and head it trained, not the merged export, so the reward model
+  rides on the shared backbone instead of holding a second copy of the base.
+  """
+  import os  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  from perl import checkpoints  # pylint: disable=g-import-not-at-top
+
+  root = os.path.abspath(os.path.expanduser(reward_checkpoint))
+  step_dir = None
+  for sub in ("best", "checkpoints"):
+    d = os.path.join(root, sub)
+    steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+    if steps:
+      step_dir = os.path.join(d, str(steps[-1]), "state")
+      break
+  if step_dir is None:
+    raise FileNotFoundError(
+        f"REWARD_CHECKPOINT {root!r} holds no reward-model checkpoint (looked for "
+        f"{root}/best/<step> and {root}/checkpoints/<step>). Point it at the "
+        "MODEL_DIR of a finished LoRA reward-model run.")
+  with ocp.StandardCheckpointer() as ckpt:
+    saved = ckpt.restore(step_dir)
+  found = {}
+  for key, value in saved.items():
+    if not key.startswith("params."):
+      continue
+    name = key[len("params."):]
+    if name.startswith("head."):
+      name = "reward_head." + name[len("head."):]
+    found[name] = value
+  state = nnx.state(module, REWARD_PARAMS)
+  expected = checkpoints.flatten(state)
+  checkpoints.check_compatible(
+      expected, found, where=step_dir,
+      fix="The policy's reward_lora (rank, targets) and MODEL_CONFIG must match "
+          "the reward-model run's; or give REWARD_MODEL_CONFIG to load the reward "
+          "model as a separate backbone from its export/.")
+  restored = {k: jax.device_put(np.asarray(found[k]).astype(expected[k].dtype),
+                                expected[k].sharding) for k in expected}
+  nnx.update(module, checkpoints.unflatten_like(state, restored))
+  return step_dir
+
+
+@gin.configurable(module="perl.trainers.policy")
+def train(
+    *,
+    model_dir: str = gin.REQUIRED,
+    train_steps: int = gin.REQUIRED,
+    mixture_or_task_name: str = gin.REQUIRED,
+    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
+    batch_size: int = gin.REQUIRED,
+    model_config=gin.REQUIRED,
+    base_checkpoint: str | None = None,
+    reward_checkpoint: str = gin.REQUIRED,
+    reward_model_config=None,
+    reward_lora=None,
+    policy_lora=None,
+    value_lora=None,
+    rl: RLConfig = RLConfig(),
+    sampling: decoding.SamplingConfig = decoding.SamplingConfig(
+        max_new_tokens=32, temperature=0.7),
+    eval_sampling: decoding.SamplingConfig | None = None,
+    optimizer: core.OptimizerConfig = core.OptimizerConfig(learning_rate=1e-4),
+    checkpoint=None,
+    eval_every: int = 0,
+    eval_split: str = "validation",
+    eval_batch_size: int | None = None,
+    eval_max_batches: int | None = None,
+    ground_truth: Callable[[str, str], float] | None = None,
+    best_metric: str | None = None,
+    mesh: str = "data=-1",
+    seed: int = 0,
+    log_every: int = 10,
+    export: bool = True,
+) -> dict[str, Any]:
+  """RL of a LoRA policy against a reward model; returns the last metrics.
+
+  reward_model_config None: the reward model shares the policy's base (Hydra:
+  its adapter + head are loaded onto the policy's backbone from
+  reward_checkpoint). Otherwise it is a separate RewardModule of that config
+  loaded from reward_checkpoint's export/ (PERL's setup with a larger RM).
+  """
+  from perl import checkpoints  # pylint: disable=g-import-not-at-top
+  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
+  from perl.models.config import LoRAConfig  # pylint: disable=g-import-not-at-top
+  from perl.trainers import loop, policy_eval  # pylint: disable=g-import-not-at-top
+
+  kind = pipeline.task_kind(mixture_or_task_name)
+  if kind != "prompts":
+    raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; RL needs a "
+                     "prompts task (e.g. synthetic_prompts, taskmaster4_prompts).")
+  policy_lora = policy_lora or LoRAConfig()
+  # PERL: the value model is a LoRA adapter of the policy's rank.
+  value_lora = (value_lora or policy_lora) if rl.uses_value else None
+  shared = reward_model_config is None
+  vocab = pipeline.vocabulary(mixture_or_task_name)
+  sampling = dataclasses.replace(sampling, eos_id=vocab.eos_id)
+  eval_sampling = dataclasses.replace(eval_sampling or sampling, eos_id=vocab.eos_id)
+  partitioner = partitioning.Partitioner(mesh)
+  module = partitioner.create_sharded_model(lambda: HydraModule(
+      model_config, policy_lora=policy_lora, value_lora=value_lora,
+      with_value_head=rl.uses_value,
+      reward_lora=(reward_lora or LoRAConfig()) if shared else None,
+      rngs=nnx.Rngs(seed)))
+  if base_checkpoint:
+    checkpoints.load_base(base_checkpoint, module.backbone)
+  reward_module = None
+  if shared:
+    source = load_reward_adapter(reward_checkpoint, module)
+    print(f"reward model: adapter + head from {source} on the shared backbone", flush=True)
+  else:
+    reward_module = partitioner.create_sharded_model(
+        lambda: RewardModule(reward_model_config, rngs=nnx.Rngs(seed)))
+    checkpoints.load_base(reward_checkpoint, reward_module)
+    print(f"reward model: separate backbone from {reward_checkpoint}", flush=True)
+  print(f"policy ({rl.algorithm}): "
+        f"{lora_lib.trainable_summary(module, trainable_filter())}", flush=True)
+  trainer = PolicyTrainer(
+      module=module, rl=rl, sampling=sampling, optimizer=optimizer,
+      total_steps=train_steps, partitioner=partitioner, reward_module=reward_module)
+  evaluate = policy_eval.make_evaluate(
+      trainer, prompt_batches=loop.eval_batches(
+          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
+          batch_size=eval_batch_size or batch_size, partitioner=partitioner,
+          split=eval_split, max_batches=eval_max_batches),
+      sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth)
+
+  def on_finish(t: PolicyTrainer):
+    if export:
+      checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
+                                t.model().backbone, POLICY)
+
+  return loop.fit(
+      trainer=trainer, model_dir=model_dir, train_steps=train_steps,
+      train_batches=loop.train_batches(
+          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
+          batch_size=batch_size, partitioner=partitioner, seed=seed),
+      evaluate=evaluate, eval_every=eval_every,
+      checkpoint=checkpoint or checkpoints.CheckpointConfig(),
+      best_metric=best_metric, log_every=log_every, seed=seed,
+      headline=("reward_mean", "kl"), on_finish=on_finish)
+
+
+gin.external_configurable(decoding.SamplingConfig, module="perl.decoding")
+gin.external_configurable(kl_lib.KLControllerConfig, module="perl.rl.kl")
