@@ -244,11 +244,10 @@ class SafetensorsCheckpoint:
   def tensor(self, name: str) -> np.ndarray:
     """A lazy (memory-mapped) view; slicing it reads only what is touched."""
     file_path, dtype, shape, offset = self._entries[name]
-    key = name
-    if key not in self._maps:
-      self._maps[key] = np.memmap(file_path, dtype=dtype, mode="r",
-                                  offset=offset, shape=shape)
-    return self._maps[key]
+    if name not in self._maps:
+      self._maps[name] = np.memmap(file_path, dtype=dtype, mode="r",
+                                   offset=offset, shape=shape)
+    return self._maps[name]
 
 
 # Parameter ↔ tensor mapping
@@ -318,7 +317,7 @@ class _ParamReader:
     for layer in layers:
       name, transpose = hf_tensor_name(path, config, layer)
       if name not in ckpt:
-        raise KeyError(
+        raise ValueError(
             f"Checkpoint {ckpt.path!r} has no tensor {name!r} (for perl "
             f"parameter {'.'.join(map(str, path))}); is config.json from the "
             "same model?")
@@ -331,8 +330,12 @@ class _ParamReader:
             "overrides that change vocab_size/embed_dim/heads/head_dim/mlp_dim)."
         )
       self.sources.append((name, transpose))
-    # Replicated parameters ask for the same slice once per device.
-    self._last: tuple[Any, np.ndarray] | None = None
+    # Devices holding the same slice (replicas) ask for it once each; the
+    # slices are kept only while this one parameter is being placed.
+    self._slices: dict[Any, np.ndarray] = {}
+
+  def clear(self):
+    self._slices.clear()
 
   def _read(self, name: str, transpose: bool, index: tuple[slice, ...]):
     tensor = self.ckpt.tensor(name)
@@ -342,15 +345,15 @@ class _ParamReader:
 
   def __call__(self, index: tuple[slice, ...]) -> np.ndarray:
     key = tuple((s.start, s.stop, s.step) for s in index)
-    if self._last is not None and self._last[0] == key:
-      return self._last[1]
+    if key in self._slices:
+      return self._slices[key]
     if self.stacked:
       layers = range(len(self.sources))[index[0]]
       out = np.stack([self._read(*self.sources[i], index[1:]) for i in layers])
     else:
       out = self._read(*self.sources[0], index)
     out = out.astype(self.dtype)
-    self._last = (key, out)
+    self._slices[key] = out
     return out
 
 
@@ -433,6 +436,7 @@ def load_hf_checkpoint(
       value = v.get_value()
       array = jax.make_array_from_callback(
           value.shape, flat_shardings[p].get_value(), readers[p])
+      readers[p].clear()
     else:
       array = rest_values[p]
     leaves.append((p, v.replace(array)))

@@ -6,6 +6,7 @@ Weights are redrawn with a larger scale than HF's 0.02 init (and Gemma's zero
 norms made nonzero) so that every tensor, and its layout, moves the logits.
 """
 
+import copy
 import json
 import os
 
@@ -208,6 +209,25 @@ def test_export_round_trip_is_exact(hf_dirs, tmp_path, family):
   assert set(ours._entries) == set(reference)
   for name, value in reference.items():
     np.testing.assert_array_equal(np.asarray(ours.tensor(name)), value, err_msg=name)
+
+
+def test_bfloat16_checkpoint_loads_in_bfloat16(hf_dirs, tmp_path):
+  # Releases are stored in bf16: the dtype comes from config.json and the
+  # values arrive bit-exact.
+  hf_model, _ = hf_dirs["gemma2"]
+  bf16 = copy.deepcopy(hf_model).to(torch.bfloat16)
+  bf16.save_pretrained(tmp_path, safe_serialization=True)
+  model = hf_import.load_hf_checkpoint(tmp_path)
+  assert (model.config.param_dtype, model.config.dtype) == (jnp.bfloat16,) * 2
+  kernel = model.blocks[1].attn.q.kernel[...]
+  assert kernel.dtype == jnp.bfloat16
+  layer = bf16.model.layers[1]
+  np.testing.assert_array_equal(
+      np.asarray(kernel, np.float32),
+      layer.self_attn.q_proj.weight.detach().float().numpy().T)
+  np.testing.assert_array_equal(
+      np.asarray(model.blocks[1].post_mlp_norm.scale[...], np.float32),
+      layer.post_feedforward_layernorm.weight.detach().float().numpy())
 
 
 def test_llama3_rope_frequencies_match_transformers():
