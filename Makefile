@@ -23,7 +23,7 @@ $(STAMP): requirements.txt
 	@touch $(STAMP)
 
 demo: setup
-	$(PY) -m perl.main --jax_backend=cpu $(ARGS)
+	$(PY) -m perl.demo --jax_backend=cpu $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -n 2 tests $(ARGS)

@@ -92,6 +92,7 @@ def _strip_eos(text: str) -> str:
   return text
 
 
+@gin.register(module="tasks.synthetic")  # RL configs pass it as GROUND_TRUTH
 def ground_truth_reward(prompt: str, response: str) -> float:
   """1.0 when `response` confirms exactly the ordered items, else 0.0.
 
