@@ -5,6 +5,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum requirements.txt | cut -c1-12)
+TEST_STAMP := $(VENV)/.test-deps-$(shell cat requirements.txt requirements-test.txt | sha1sum | cut -c1-12)
 PERL_DATA_DIR ?= $(abspath ../shared/data)
 export PERL_DATA_DIR
 # Quiet TF/XLA start-up chatter; it is noise for users of a CPU smoke run.
@@ -22,10 +23,18 @@ $(STAMP): requirements.txt
 	@rm -f $(VENV)/.installed-*
 	@touch $(STAMP)
 
+# Test-only deps (transformers + CPU torch for the Hugging Face parity tests);
+# torch is installed on its own first so pip takes the CPU build.
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(PY) -m pip install -q "$$(grep '^torch==' requirements-test.txt)"
+	$(PY) -m pip install -q -r requirements-test.txt
+	@rm -f $(VENV)/.test-deps-*
+	@touch $(TEST_STAMP)
+
 demo: setup
 	$(PY) -m perl.demo --jax_backend=cpu $(ARGS)
 
-test: setup
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q -n 2 tests $(ARGS)
 
 bench: setup
