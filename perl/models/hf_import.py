@@ -352,7 +352,7 @@ class _ParamReader:
       out = np.stack([self._read(*self.sources[i], index[1:]) for i in layers])
     else:
       out = self._read(*self.sources[0], index)
-    out = out.astype(self.dtype)
+    out = out.astype(self.dtype, copy=False)
     self._slices[key] = out
     return out
 
