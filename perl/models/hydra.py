@@ -70,6 +70,18 @@ class HydraModule(nnx.Module):
     return self.backbone(tokens, positions=positions, segment_ids=segment_ids,
                          adapter=adapter, dropout_rng=dropout_rng)[0]
 
+  def response_logits(self, tokens, *, positions, segment_ids, prompt_length: int,
+                      adapter: str | None = POLICY, dropout_rng=None) -> jax.Array:
+    """[B, N, V] logits that predict the N response tokens after the prompt.
+
+    The vocabulary projection runs on the response positions only: with
+    large vocabularies the prompt's logits would dominate memory for nothing.
+    """
+    hidden, _ = self.backbone.hidden_states(
+        tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
+        dropout_rng=dropout_rng)
+    return self.backbone.logits(hidden[:, prompt_length - 1:-1])
+
   def values(self, tokens, *, positions, segment_ids, dropout_rng=None) -> jax.Array:
     """[B, T] value estimate after each position."""
     if self.value_head is None:

@@ -103,12 +103,10 @@ def trainable_filter() -> nnx.filterlib.Filter:
                  nnx.PathContains("value_head"))
 
 
-def response_logprobs(logits: jax.Array, tokens: jax.Array, prompt_length: int):
-  """log π of the response tokens and the logits that predicted them."""
-  predicting = logits[:, prompt_length - 1:-1]
-  targets = tokens[:, prompt_length:]
-  logp = jnp.take_along_axis(jax.nn.log_softmax(predicting), targets[..., None], -1)[..., 0]
-  return logp, predicting
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log softmax(logits)[target] without materialising the full log-softmax."""
+  picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 class PolicyTrainer(core.Trainer):
@@ -195,10 +193,11 @@ class PolicyTrainer(core.Trainer):
     def fn(params, frozen, tokens, seg):
       model = self._merge(params, frozen)
       pos = sequence_positions(seg)
-      policy_logits = model.logits(tokens, positions=pos, segment_ids=seg, adapter=POLICY)
-      anchor_logits = model.logits(tokens, positions=pos, segment_ids=seg, adapter=None)
-      policy_logp, predicting = response_logprobs(policy_logits, tokens, prompt_length)
-      anchor_logp, _ = response_logprobs(anchor_logits, tokens, prompt_length)
+      targets = tokens[:, prompt_length:]
+      fwd = dict(positions=pos, segment_ids=seg, prompt_length=prompt_length)
+      predicting = model.response_logits(tokens, adapter=POLICY, **fwd)
+      policy_logp = token_logprobs(predicting, targets)
+      anchor_logp = token_logprobs(model.response_logits(tokens, adapter=None, **fwd), targets)
       out = {"policy_logp": policy_logp, "anchor_logp": anchor_logp,
              "entropy": objectives.entropy_from_logits(predicting)}
       if uses_value:
@@ -272,9 +271,10 @@ class PolicyTrainer(core.Trainer):
     policy_rng = value_rng = None
     if rng is not None:
       policy_rng, value_rng = jax.random.split(rng)
-    logits = model.logits(tokens, positions=pos, segment_ids=seg, adapter=POLICY,
-                          dropout_rng=policy_rng)
-    logp, predicting = response_logprobs(logits, tokens, prompt_length)
+    predicting = model.response_logits(
+        tokens, positions=pos, segment_ids=seg, prompt_length=prompt_length,
+        adapter=POLICY, dropout_rng=policy_rng)
+    logp = token_logprobs(predicting, tokens[:, prompt_length:])
     if rl.algorithm == "ppo":
       loss_sum, count, clipped = objectives.ppo_policy_loss(
           logp, batch["old_logp"], batch["advantages"], mask, clip_ratio=rl.clip_ratio)
