@@ -151,7 +151,8 @@ def prepare(setup, size, args, abstract):
 
   dtype = jnp.bfloat16
   cfg = model_config.TransformerConfig(**SIZES[size], param_dtype=dtype, dtype=dtype,
-                                       remat_policy=args.remat)
+                                       remat_policy=args.remat,
+                                       scan_layers=args.scan_layers)
   lora_cfg = model_config.LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
   modules = (nnx.eval_shape(lambda: build(setup, cfg, lora_cfg)) if abstract
              else build(setup, cfg, lora_cfg))
@@ -193,6 +194,8 @@ def main():
   parser.add_argument("--response_length", type=int, default=256)
   parser.add_argument("--lora_rank", type=int, default=8)
   parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+  parser.add_argument("--scan_layers", type=int, default=1,
+                      help="1: blocks under nnx.scan (as configs/models do), 0: a Python loop")
   parser.add_argument("--timing_size", default="small")
   parser.add_argument("--timing_batch_size", type=int, default=8)
   parser.add_argument("--timing_prompt_length", type=int, default=64)
@@ -206,7 +209,8 @@ def main():
   device = jax.devices()[0]
   print(f"device: {device.device_kind} ({device.platform}); batch {args.batch_size} × "
         f"({args.prompt_length} prompt + {args.response_length} response) tokens, "
-        f"LoRA rank {args.lora_rank} on q,k,v,o, remat={args.remat}, bf16 weights")
+        f"LoRA rank {args.lora_rank} on q,k,v,o, remat={args.remat}, "
+        f"scan_layers={bool(args.scan_layers)}, bf16 weights")
   print(f"\nOne RL step, XLA compiled memory analysis (GiB, one device, abstract shapes)")
   header = f"{'size':<6}{'setup':<16}{'trainable':>15}{'frozen':>16}{'args':>9}{'temp':>9}{'peak':>9}{'vs full':>9}"
   print(header)
