@@ -107,6 +107,11 @@ class CheckpointConfig:
 class CheckpointManager:
   """Latest-N and best-by-metric managers over one MODEL_DIR."""
 
+  @staticmethod
+  def _handlers():
+    return {"state": ocp.StandardCheckpointHandler(),
+            "extra": ocp.JsonCheckpointHandler()}
+
   def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig(),
                *, best_metric: str | None = None):
     self.model_dir = os.path.abspath(model_dir)
@@ -114,6 +119,7 @@ class CheckpointManager:
     self.best_metric = best_metric
     self._latest = ocp.CheckpointManager(
         os.path.join(self.model_dir, "checkpoints"),
+        item_handlers=self._handlers(),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=config.keep, enable_async_checkpointing=False,
             create=True))
@@ -121,6 +127,7 @@ class CheckpointManager:
     if best_metric:
       self._best = ocp.CheckpointManager(
           os.path.join(self.model_dir, "best"),
+          item_handlers=self._handlers(),
           options=ocp.CheckpointManagerOptions(
               max_to_keep=1, best_fn=lambda m: m[best_metric],
               best_mode="max", enable_async_checkpointing=False, create=True))

@@ -160,7 +160,10 @@ class Trainer:
       total_steps: int,
       partitioner: partitioning.Partitioner,
       grad_accum_steps: int = 1,
+      abstract: bool = False,
   ):
+    """abstract=True: `model` comes from nnx.eval_shape and the state stays
+    ShapeDtypeStructs, for lowering and memory analysis without weights."""
     if grad_accum_steps < 1:
       raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}.")
     self.partitioner = partitioner
@@ -186,7 +189,8 @@ class Trainer:
                              opt_state=self.tx.init(p)),
         in_shardings=(self.params_shardings,),
         out_shardings=self.state_shardings)
-    self.state = init(params)
+    self.state = (jax.eval_shape(init.jitted, params) if abstract
+                  else init(params))
     self.num_traces = 0  # train-step traces; tests assert exactly one per shape
     self._step_fn = None
     self._batch_keys = None
@@ -202,29 +206,36 @@ class Trainer:
         f, has_aux=True)(params)
     return grads, loss_sum, denom, metrics
 
+  def accumulate(self, params, frozen, batch, rng):
+    """(summed grads, loss_sum, denominator, metric sums) over micro-batches.
+
+    Pure; dividing the summed grads by the denominator gives exactly the
+    gradient of the whole batch's mean loss, however padding is spread.
+    """
+    n = self.grad_accum_steps
+    if n == 1:
+      return self._grads(params, frozen, batch, rng)
+    micro = _split_microbatches(batch, n)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(self._grads, params, frozen, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(carry, xs):
+      mb, i = xs
+      out = self._grads(params, frozen, mb, jax.random.fold_in(rng, i))
+      g, l, d, m = carry
+      og, ol, od, om = out
+      return (jax.tree.map(jnp.add, g, og), l + ol, d + od,
+              _sum_metrics(m, om)), None
+
+    out, _ = jax.lax.scan(body, zeros, (micro, jnp.arange(n)))
+    return out
+
   def _step(self, state: TrainState, frozen, batch, rng):
     self.num_traces += 1  # Python side effect: runs once per trace.
     rng = jax.random.fold_in(rng, state.step)
-    n = self.grad_accum_steps
-    if n == 1:
-      grads, loss_sum, denom, metrics = self._grads(state.params, frozen,
-                                                    batch, rng)
-    else:
-      micro = _split_microbatches(batch, n)
-      first = jax.tree.map(lambda x: x[0], micro)
-      shapes = jax.eval_shape(self._grads, state.params, frozen, first, rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-
-      def body(carry, xs):
-        mb, i = xs
-        out = self._grads(state.params, frozen, mb, jax.random.fold_in(rng, i))
-        g, l, d, m = carry
-        og, ol, od, om = out
-        return (jax.tree.map(jnp.add, g, og), l + ol, d + od,
-                _sum_metrics(m, om)), None
-
-      (grads, loss_sum, denom, metrics), _ = jax.lax.scan(
-          body, zeros, (micro, jnp.arange(n)))
+    grads, loss_sum, denom, metrics = self.accumulate(state.params, frozen,
+                                                      batch, rng)
     denom = jnp.maximum(denom, 1e-9)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = optax.global_norm(grads)
@@ -238,7 +249,7 @@ class Trainer:
 
   def _compile(self, batch):
     replicated = NamedSharding(self.partitioner.mesh, P())
-    batch_shardings = {k: self.partitioner.batch_sharding(np.ndim(v))
+    batch_shardings = {k: self.partitioner.batch_sharding(len(np.shape(v)))
                        for k, v in batch.items()}
     self._step_fn = self.partitioner.jit(
         self._step,
@@ -248,10 +259,15 @@ class Trainer:
         donate_argnums=(0,))
     self._batch_keys = tuple(sorted(batch))
 
-  @property
-  def step_fn(self):
-    """The jitted step(state, frozen, batch, rng) (for .lower / benchmarks)."""
-    return self._step_fn
+  def lower(self, batch: Mapping[str, Any], rng: Any = None):
+    """Lowers the train step for `batch` (arrays or ShapeDtypeStructs)."""
+    self._compile(batch)
+    sharded = {k: jax.ShapeDtypeStruct(
+        np.shape(v), v.dtype,
+        sharding=self.partitioner.batch_sharding(len(np.shape(v))))
+               for k, v in batch.items()}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32) if rng is None else rng
+    return self._step_fn.lower(self.state, self.frozen, sharded, rng)
 
   def train_step(self, batch: Mapping[str, np.ndarray], rng: jax.Array
                  ) -> dict[str, jax.Array]:

@@ -100,12 +100,15 @@ def fit(
     seed: int = 0,
     headline: tuple[str, ...] = ("loss", "accuracy"),
     on_finish: Callable[[core.Trainer], None] | None = None,
+    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
   """Trains to `train_steps`, resuming from MODEL_DIR; returns the last metrics.
 
   evaluate() runs every `eval_every` steps (0: only at the end) and at the
   end; with best_metric, the state with the highest eval value of that
-  metric is also kept under MODEL_DIR/best.
+  metric is also kept under MODEL_DIR/best. stop_at_step ends this process
+  early (checkpointed, no final eval or export), as a preemption would: the
+  schedule still spans train_steps, and a rerun resumes.
   """
   if train_steps < 1:
     raise ValueError(f"TRAIN_STEPS must be >= 1, got {train_steps}.")
@@ -157,9 +160,13 @@ def fit(
       writer.progress(step, values)
       if eval_every and step % eval_every == 0:
         run_eval(step)
-      if step % checkpoint.save_every == 0 or step == train_steps:
+      stopping = stop_at_step is not None and step >= stop_at_step
+      if step % checkpoint.save_every == 0 or step == train_steps or stopping:
         manager.save(step, trainer.state,
                      extra={"consumed_batches": consumed})
+      if stopping and step < train_steps:
+        summary["step"] = step
+        return summary
     run_eval(trainer.step)
     if on_finish is not None:
       on_finish(trainer)

@@ -170,6 +170,7 @@ def train(
     mesh: str = "data=-1",
     seed: int = 0,
     log_every: int = 10,
+    stop_at_step: int | None = None,
     export: bool = True,
 ) -> dict[str, Any]:
   """Trains a reward model; returns the final train and eval metrics."""
@@ -210,7 +211,7 @@ def train(
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric="accuracy", log_every=log_every, seed=seed,
-      on_finish=on_finish)
+      on_finish=on_finish, stop_at_step=stop_at_step)
 
 
 def make_evaluate(rm: RewardModel, trainer: core.Trainer, *, task: str,

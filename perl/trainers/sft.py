@@ -86,6 +86,7 @@ def train(
     mesh: str = "data=-1",
     seed: int = 0,
     log_every: int = 10,
+    stop_at_step: int | None = None,
 ) -> dict[str, Any]:
   """SFT; writes MODEL_DIR/export (merged full weights) at the end."""
   kind = pipeline.task_kind(mixture_or_task_name)
@@ -141,4 +142,5 @@ def train(
           task=mixture_or_task_name, feature_lengths=task_feature_lengths,
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
-      best_metric=None, log_every=log_every, seed=seed, on_finish=on_finish)
+      best_metric=None, log_every=log_every, seed=seed, on_finish=on_finish,
+      stop_at_step=stop_at_step)
