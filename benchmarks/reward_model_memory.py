@@ -7,6 +7,12 @@ analysed on a CPU without allocating a single weight. Step time is measured
 on a small model that really runs.
 
     python benchmarks/reward_model_memory.py --jax_backend=cpu
+
+peak = argument + output - aliased + temp (XLA's buffers for one step).
+Read CPU numbers with care: XLA:CPU has no bf16 matmul, so it keeps f32
+copies of bf16 weights in `temp` (large for the frozen base), and it aliases
+only part of the donated train state. Run with --jax_backend=gpu/tpu for
+accelerator numbers; the script is the same.
 """
 from __future__ import annotations
 

@@ -199,7 +199,9 @@ class Trainer:
 
   def _grads(self, params, frozen, batch, rng):
     def f(p):
-      model = nnx.merge(self.graphdef, p, frozen)
+      # Fresh Variables at this trace level: nnx transforms inside the model
+      # (nnx.scan over stacked layers) reject Variables from an outer trace.
+      model = nnx.merge(self.graphdef, p, jax.tree.map(lambda x: x, frozen))
       loss_sum, denom, metrics = self.loss_fn(model, batch, rng)
       return loss_sum, (denom, metrics)
     (loss_sum, (denom, metrics)), grads = jax.value_and_grad(
