@@ -6,7 +6,7 @@ from perl import gin_utils
 
 
 @gin.configurable(module='test_gin_utils')
-def train(*, steps=1, learning_rate=0.1, model_dir=None):
+def toy_train(*, steps=1, learning_rate=0.1, model_dir=None):
   return steps, learning_rate, model_dir
 
 
@@ -40,20 +40,20 @@ def test_rewrite_gin_args_without_value_errors():
 def test_files_search_paths_and_bindings(tmp_path):
   (tmp_path / 'base.gin').write_text(
       'TRAIN_STEPS = %gin.REQUIRED\n'
-      'test_gin_utils.train.steps = %TRAIN_STEPS\n'
-      'train.learning_rate = 0.5\n')
+      'test_gin_utils.toy_train.steps = %TRAIN_STEPS\n'
+      'toy_train.learning_rate = 0.5\n')
   (tmp_path / 'sub').mkdir()
   (tmp_path / 'sub' / 'run.gin').write_text(
-      "include 'base.gin'\ntrain.model_dir = '/nowhere'\n")
+      "include 'base.gin'\ntoy_train.model_dir = '/nowhere'\n")
   gin_utils.parse_gin_flags(
       [str(tmp_path)], ['sub/run.gin'],
-      ['TRAIN_STEPS = 7', "train.model_dir = '/tmp/x'"])
-  assert train() == (7, 0.5, '/tmp/x')
+      ['TRAIN_STEPS = 7', "toy_train.model_dir = '/tmp/x'"])
+  assert toy_train() == (7, 0.5, '/tmp/x')
 
 
 def test_missing_required_macro_names_it(tmp_path):
   (tmp_path / 'base.gin').write_text(
-      'TRAIN_STEPS = %gin.REQUIRED\ntrain.steps = %TRAIN_STEPS\n')
+      'TRAIN_STEPS = %gin.REQUIRED\ntoy_train.steps = %TRAIN_STEPS\n')
   with pytest.raises(gin_utils.GinConfigError) as e:
     gin_utils.parse_gin_flags([str(tmp_path)], ['base.gin'], [])
   assert str(e.value) == (
@@ -63,20 +63,20 @@ def test_missing_required_macro_names_it(tmp_path):
 
 def test_required_parameter_names_it():
   with pytest.raises(gin_utils.GinConfigError,
-                     match=r'train\.steps is %gin\.REQUIRED.*--gin\.'):
-    gin_utils.parse_gin_flags([], [], ['train.steps = %gin.REQUIRED'])
+                     match=r'toy_train\.steps is %gin\.REQUIRED.*--gin\.'):
+    gin_utils.parse_gin_flags([], [], ['toy_train.steps = %gin.REQUIRED'])
 
 
 def test_undefined_macro_names_it():
   with pytest.raises(gin_utils.GinConfigError,
                      match=r'macro %STEPZ is used but never defined'):
-    gin_utils.parse_gin_flags([], [], ['train.steps = %STEPZ'])
+    gin_utils.parse_gin_flags([], [], ['toy_train.steps = %STEPZ'])
 
 
 def test_misspelt_parameter_names_it_and_suggests():
   with pytest.raises(gin_utils.GinConfigError) as e:
-    gin_utils.parse_gin_flags([], [], ['train.learning_rat = 0.1'])
-  assert "train.learning_rat" in str(e.value)
+    gin_utils.parse_gin_flags([], [], ['toy_train.learning_rat = 0.1'])
+  assert "toy_train.learning_rat" in str(e.value)
   assert "Did you mean 'learning_rate'?" in str(e.value)
 
 
@@ -93,10 +93,10 @@ def test_missing_gin_file_names_it(tmp_path):
 
 
 def test_write_operative_config(tmp_path):
-  gin_utils.parse_gin_flags([], [], ['train.steps = 3'])
-  train()
+  gin_utils.parse_gin_flags([], [], ['toy_train.steps = 3'])
+  toy_train()
   path = gin_utils.write_operative_config(str(tmp_path / 'model'))
   text = open(path).read()
   assert path == str(tmp_path / 'model' / 'config.gin')
-  assert 'train.steps = 3' in text
-  assert 'train.learning_rate = 0.1' in text  # defaults are recorded too
+  assert 'toy_train.steps = 3' in text
+  assert 'toy_train.learning_rate = 0.1' in text  # defaults are recorded too
