@@ -48,7 +48,8 @@ def load_model_config(name: str):
   gin.clear_config()
   gin.parse_config_files_and_bindings(
       [os.path.join(CONFIGS, "models", f"{name}.gin")],
-      ["perl.trainers.configurables.model_config.config = %MODEL_CONFIG"])
+      ["perl.trainers.configurables.model_config.config = %MODEL_CONFIG"],
+      finalize_config=False)  # callers may import more gin modules later
   return configurables.model_config()
 
 

@@ -219,14 +219,22 @@ def resolve_base_checkpoint(path: str) -> str:
   raise FileNotFoundError(
       f"BASE_CHECKPOINT {path!r} holds no exported model (expected"
       f" {candidate}/). Point it at the MODEL_DIR of a finished SFT run, which"
-      " writes export/ at its end.")
+      " writes export/ at its end, or at a Hugging Face checkpoint directory"
+      " (config.json + model.safetensors).")
 
 
 def load_base(path: str, module: nnx.Module) -> None:
   """Loads exported base weights into `module` in place (sharding kept).
 
-  LoRA parameters and anything outside the base (heads) are left untouched.
+  `path` is a MODEL_DIR of an earlier run, its export/, or a Hugging Face
+  checkpoint directory (config.json + safetensors: Llama 3.x, Qwen2.5,
+  Gemma 1/2). LoRA parameters and anything outside the base (heads) are left
+  untouched.
   """
+  from perl.models import hf_import  # pylint: disable=g-import-not-at-top
+  if hf_import.is_hf_checkpoint(os.path.expanduser(path)):
+    hf_import.load_hf_weights(os.path.expanduser(path), module)
+    return
   path = resolve_base_checkpoint(path)
   state = nnx.state(module, BASE_PARAMS)
   expected = flatten(_abstract(state))

@@ -42,8 +42,24 @@ def _int_env(environ: Mapping[str, str], name: str) -> int | None:
     raise ValueError(f'{name}={raw!r} is not an integer.') from None
 
 
-def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-  """Names a multi-process cluster that JAX can auto-configure, else None."""
+def tpu_chips_on_host() -> int:
+  """TPU chips on this host's PCI bus (0 off Cloud TPU VMs); starts no backend."""
+  try:
+    from jax._src import hardware_utils  # pylint: disable=g-import-not-at-top
+    return hardware_utils.num_available_tpu_chips_and_device_id()[0]
+  except Exception:  # pylint: disable=broad-except
+    return 0  # JAX moved the helper: fall back to the environment checks only.
+
+
+def detect_cluster(environ: Mapping[str, str] | None = None,
+                   tpu_chips: int | None = None) -> str | None:
+  """Names a multi-process cluster that JAX can auto-configure, else None.
+
+  tpu_chips: TPU chips on this host (default: read from the PCI bus). A Cloud
+  TPU VM is 'tpu_vm' even when TPU_WORKER_HOSTNAMES is unset, as it usually
+  is: jax.distributed then reads the slice's workers from the GCE metadata
+  server (one host: one process, which is harmless).
+  """
   env = os.environ if environ is None else environ
   if env.get('MEGASCALE_COORDINATOR_ADDRESS') or _int_env(
       env, 'MEGASCALE_NUM_SLICES') not in (None, 1):
@@ -53,6 +69,9 @@ def detect_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     return 'tpu_pod'
   if (_int_env(env, 'SLURM_NTASKS') or 1) > 1 and env.get('SLURM_JOB_ID'):
     return 'slurm'
+  if len(hosts) <= 1 and env.get('TPU_SKIP_MDS_QUERY') is None and (
+      tpu_chips if tpu_chips is not None else tpu_chips_on_host()) > 0:
+    return 'tpu_vm'
   return None
 
 
@@ -63,6 +82,7 @@ def resolve_config(
     process_id: int | None = None,
     local_device_ids: Sequence[int] | None = None,
     environ: Mapping[str, str] | None = None,
+    tpu_chips: int | None = None,
 ) -> DistributedConfig:
   """Merges arguments with the environment; raises on inconsistent input."""
   env = os.environ if environ is None else environ
@@ -78,7 +98,7 @@ def resolve_config(
   if num_processes == 1:
     return DistributedConfig('single', num_processes=1, process_id=0)
   if coordinator_address:
-    cluster = detect_cluster(env)
+    cluster = detect_cluster(env, tpu_chips)
     if cluster is None and (num_processes is None or process_id is None):
       raise ValueError(
           f'Coordinator {coordinator_address!r} given but num_processes='
@@ -95,7 +115,7 @@ def resolve_config(
     raise ValueError(
         f'num_processes={num_processes} process_id={process_id} given without'
         f' a coordinator address (--coordinator_address or {ENV_COORDINATOR}).')
-  cluster = detect_cluster(env)
+  cluster = detect_cluster(env, tpu_chips)
   if cluster is not None:
     return DistributedConfig('auto', local_device_ids=ids, cluster=cluster)
   return DistributedConfig('single', num_processes=1, process_id=0)

@@ -40,6 +40,18 @@ def test_cluster_autodetect(env, cluster):
   assert cfg.mode == 'auto' and cfg.cluster == cluster
 
 
+@pytest.mark.parametrize('env, tpu_chips, mode', [
+    ({}, 4, 'auto'),  # a Cloud TPU VM: jax reads the workers from metadata
+    ({'TPU_WORKER_HOSTNAMES': 'localhost'}, 8, 'auto'),
+    ({'TPU_SKIP_MDS_QUERY': '1'}, 4, 'single'),  # metadata disabled
+    ({}, 0, 'single'),
+])
+def test_cloud_tpu_vm_is_detected_from_its_chips(env, tpu_chips, mode):
+  cfg = distributed.resolve_config(environ=env, tpu_chips=tpu_chips)
+  assert cfg.mode == mode
+  assert cfg.cluster == ('tpu_vm' if mode == 'auto' else None)
+
+
 @pytest.mark.parametrize('env', [
     {},
     {'TPU_WORKER_HOSTNAMES': 'localhost'},  # single-host TPU VM

@@ -442,3 +442,58 @@ def load_hf_checkpoint(
     leaves.append((p, v.replace(array)))
   state = nnx.from_flat_state(leaves)
   return nnx.merge(graphdef, state)
+
+
+# Fields that change what the weights mean; dtypes, remat and scan do not.
+_ARCHITECTURE_FIELDS = (
+    "vocab_size", "num_layers", "embed_dim", "num_heads", "num_kv_heads",
+    "head_dim", "mlp_dim", "activation", "norm_eps", "norm_scale_plus_one",
+    "rope_theta", "rope_scaling", "tie_embeddings", "qkv_bias",
+    "scale_embeddings", "post_norms", "attn_logit_softcap",
+    "final_logit_softcap", "query_pre_attn_scalar", "sliding_window",
+    "local_layer_period")
+
+
+def is_hf_checkpoint(path: str | os.PathLike) -> bool:
+  """True for a directory written by Hugging Face `save_pretrained`."""
+  path = os.fspath(path)
+  return os.path.isfile(os.path.join(path, "config.json")) and (
+      os.path.isfile(os.path.join(path, "model.safetensors")) or
+      os.path.isfile(os.path.join(path, "model.safetensors.index.json")))
+
+
+def load_hf_weights(path: str | os.PathLike, module: Transformer) -> None:
+  """Overwrites the base weights of an existing (sharded) Transformer in place.
+
+  What a gin run does with `BASE_CHECKPOINT=<HF directory>`: the module is
+  built from MODEL_CONFIG first, and each base parameter is then replaced by
+  the checkpoint's tensor, read slice by slice onto the devices of the
+  parameter's current sharding. LoRA factors and heads are untouched.
+  """
+  path = os.fspath(path)
+  config = module.config
+  hf = config_from_hf(read_hf_config(path))
+  diffs = [f"{f}: MODEL_CONFIG has {getattr(config, f)!r}, checkpoint has "
+           f"{getattr(hf, f)!r}" for f in _ARCHITECTURE_FIELDS
+           if getattr(config, f) != getattr(hf, f)]
+  if diffs:
+    raise ValueError(
+        f"Hugging Face checkpoint {path!r} does not match MODEL_CONFIG ("
+        + "; ".join(diffs) + "). Fix: include the configs/models/*.gin of "
+        "this checkpoint, or write one with perl.models.hf_import."
+        "config_from_hf(read_hf_config(path)).")
+  ckpt = SafetensorsCheckpoint(path)
+  flat = dict(nnx.to_flat_state(nnx.state(module)))
+  readers = {}
+  for p, v in flat.items():
+    if is_base_param(p, v):
+      value = v.get_value()
+      readers[p] = _ParamReader(ckpt, p, config, value.shape, value.dtype,
+                                stacked=config.scan_layers and p[0] == "blocks")
+  leaves = []
+  for p, reader in readers.items():
+    value = flat[p].get_value()
+    array = jax.make_array_from_callback(value.shape, value.sharding, reader)
+    reader.clear()
+    leaves.append((p, flat[p].replace(array)))
+  nnx.update(module, nnx.from_flat_state(leaves))

@@ -313,3 +313,47 @@ def test_missing_files_are_named(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(_minimal("llama")))
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     hf_import.load_hf_checkpoint(tmp_path)
+
+
+def test_base_checkpoint_can_be_a_hugging_face_directory(hf_dirs):
+  """`--gin.BASE_CHECKPOINT=<HF dir>`: weights replace a built, sharded model."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from perl import checkpoints  # pylint: disable=g-import-not-at-top
+  from perl.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  hf_model, path = hf_dirs["llama"]
+  # As a gin run builds it: MODEL_CONFIG (scanned layers), LoRA, mesh.
+  config = dataclasses.replace(
+      hf_import.config_from_hf(hf_import.read_hf_config(path)),
+      scan_layers=True)
+  partitioner = Partitioner("fsdp=4,model=2")
+  module = partitioner.create_sharded_model(lambda: Transformer(
+      config, adapters={"policy": LoRAConfig(rank=4)}, rngs=nnx.Rngs(3)))
+  lora_a = np.asarray(module.blocks.attn.q.lora["policy"].lora_a[...])
+  checkpoints.load_base(path, module)
+  q = module.blocks.attn.q.kernel[...]
+  assert q.shape == (2, 64, 64) and q.sharding.spec[1:] == ("fsdp", "model")
+  np.testing.assert_array_equal(  # the adapter is left as it was
+      np.asarray(module.blocks.attn.q.lora["policy"].lora_a[...]), lora_a)
+  tokens, mask, positions = _batch()
+  with partitioner:
+    ours = _perl_logits(module, tokens, mask, positions)
+  ref = _hf_logits(hf_model, tokens, mask, positions)
+  assert _max_diff_on_real_tokens(ours, ref, mask) <= 1e-4
+
+
+def test_hugging_face_base_checkpoint_of_another_architecture_is_named(hf_dirs):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from perl import checkpoints  # pylint: disable=g-import-not-at-top
+  from perl.models.transformer import Transformer  # pylint: disable=g-import-not-at-top
+  _, path = hf_dirs["llama"]
+  config = dataclasses.replace(
+      hf_import.config_from_hf(hf_import.read_hf_config(path)),
+      rope_theta=10_000.0)
+  module = Transformer(config, rngs=nnx.Rngs(0))
+  before = np.asarray(module.final_norm.scale[...])
+  with pytest.raises(ValueError) as err:
+    checkpoints.load_base(path, module)
+  message = str(err.value)
+  assert "rope_theta: MODEL_CONFIG has 10000.0, checkpoint has 500000.0" in message
+  assert "configs/models/*.gin" in message
+  np.testing.assert_array_equal(np.asarray(module.final_norm.scale[...]), before)
