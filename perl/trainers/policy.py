@@ -312,10 +312,27 @@ class PolicyTrainer(core.Trainer):
         lambda x: np.asarray(multihost_utils.global_array_to_host_local_array(
             x, self.partitioner.mesh, spec)), tree)
 
+  def _check_minibatch_rows(self, local_rows: int) -> None:
+    """Fails before sampling when a PPO minibatch cannot be sharded."""
+    n_mb = self.rl.num_minibatches if self.rl.algorithm == "ppo" else 1
+    mesh = self.partitioner.mesh
+    shards = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES
+                          if a in mesh.axis_names]))
+    rows = local_rows * self.partitioner.data_shard_info()[1]
+    if rows % n_mb or (rows // n_mb) % shards:
+      raise ValueError(
+          f"{rows} rollouts per step (prompts x samples_per_prompt="
+          f"{self.rl.samples_per_prompt}) in {n_mb} minibatches give "
+          f"{rows / n_mb:g} rows each, which the {shards} data-parallel "
+          f"shards of mesh {dict(mesh.shape)} cannot split. Fix: make "
+          f"BATCH_SIZE x samples_per_prompt a multiple of num_minibatches x "
+          f"{shards}, or lower num_minibatches.")
+
   def train_step(self, batch: Mapping[str, np.ndarray], rng: jax.Array
                  ) -> dict[str, Any]:
     rl = self.rl
     k = rl.samples_per_prompt
+    self._check_minibatch_rows(batch["prompt_tokens"].shape[0] * k)
     prompts = np.repeat(batch["prompt_tokens"], k, axis=0)
     prompt_mask = np.repeat(batch["prompt_mask"], k, axis=0)
     prompt_length = prompts.shape[1]
@@ -376,42 +393,66 @@ class PolicyTrainer(core.Trainer):
 REWARD_PARAMS = nnx.Any(lora_lib.adapter_filter("reward"), nnx.PathContains("reward_head"))
 
 
-def load_reward_adapter(reward_checkpoint: str, module: HydraModule) -> str:
+def load_reward_adapter(reward_checkpoint: str, module: HydraModule,
+                        base_checkpoint: str | None = None) -> str:
   """Loads a LoRA reward model's adapter + head into the Hydra backbone.
 
   Reads the best checkpoint of the reward-model run (else its latest): the
   adapter and head it trained, not the merged export, so the reward model
   rides on the shared backbone instead of holding a second copy of the base.
+  A run that trained no "reward" adapter (Hydra-SFT, perl.trainers.hydra_sft)
+  has its reward model in its merged export/: that must be the policy's
+  base (BASE_CHECKPOINT = REWARD_CHECKPOINT); the head of its last step is
+  loaded and the reward adapter stays zero, so it scores with that base.
   """
   import os  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from perl import checkpoints  # pylint: disable=g-import-not-at-top
 
   root = os.path.abspath(os.path.expanduser(reward_checkpoint))
-  step_dir = None
-  for sub in ("best", "checkpoints"):
-    d = os.path.join(root, sub)
-    steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-    if steps:
-      step_dir = os.path.join(d, str(steps[-1]), "state")
-      break
-  if step_dir is None:
+
+  def latest(subs):
+    for sub in subs:
+      d = os.path.join(root, sub)
+      steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+      if steps:
+        return os.path.join(d, str(steps[-1]), "state")
     raise FileNotFoundError(
         f"REWARD_CHECKPOINT {root!r} holds no reward-model checkpoint (looked for "
         f"{root}/best/<step> and {root}/checkpoints/<step>). Point it at the "
         "MODEL_DIR of a finished LoRA reward-model run.")
-  with ocp.StandardCheckpointer() as ckpt:
-    saved = ckpt.restore(step_dir)
-  found = {}
-  for key, value in saved.items():
-    if not key.startswith("params."):
-      continue
-    name = key[len("params."):]
-    if name.startswith("head."):
-      name = "reward_head." + name[len("head."):]
-    found[name] = value
+
+  def read(step_dir):
+    with ocp.StandardCheckpointer() as ckpt:
+      saved = ckpt.restore(step_dir)
+    found = {}
+    for key, value in saved.items():
+      if not key.startswith("params."):
+        continue
+      name = key[len("params."):]
+      if name.startswith("head."):
+        name = "reward_head." + name[len("head."):]
+      found[name] = value
+    return found
+
+  step_dir = latest(("best", "checkpoints"))
+  found = read(step_dir)
   state = nnx.state(module, REWARD_PARAMS)
   expected = checkpoints.flatten(state)
+  adapter = [k for k in expected if not k.startswith("reward_head.")]
+  if adapter and not found.keys() & set(adapter) and any(
+      k.startswith("reward_head.") for k in found):
+    base = os.path.abspath(os.path.expanduser(base_checkpoint or ""))
+    if not base_checkpoint or base not in (root, os.path.join(root, checkpoints.EXPORT_DIR)):
+      raise ValueError(
+          f"REWARD_CHECKPOINT {root!r} trained no reward adapter (a Hydra-SFT "
+          "run): its reward model is its export/ + head, so set BASE_CHECKPOINT "
+          f"to the same directory (got {base_checkpoint!r}), or give "
+          "REWARD_MODEL_CONFIG to load it as a separate backbone.")
+    if step_dir != latest(("checkpoints",)):  # the head of export/'s step
+      step_dir = latest(("checkpoints",))
+      found = read(step_dir)
+    found.update({k: np.zeros(expected[k].shape) for k in adapter})
   checkpoints.check_compatible(
       expected, found, where=step_dir,
       fix="The policy's reward_lora (rank, targets) and MODEL_CONFIG must match "
@@ -488,7 +529,7 @@ def train(
     checkpoints.load_base(base_checkpoint, module.backbone)
   reward_module = None
   if shared:
-    source = load_reward_adapter(reward_checkpoint, module)
+    source = load_reward_adapter(reward_checkpoint, module, base_checkpoint)
     print(f"reward model: adapter + head from {source} on the shared backbone", flush=True)
   else:
     reward_module = partitioner.create_sharded_model(

@@ -56,7 +56,10 @@ def _eval_reward(trainer, repeats=8):
 @pytest.mark.parametrize("rl,lr", [
     (policy.RLConfig(algorithm="reinforce"), 3e-2),
     (policy.RLConfig(algorithm="rloo", samples_per_prompt=2), 5e-2),
-    (policy.RLConfig(algorithm="ppo", ppo_epochs=2, num_minibatches=2), 3e-2),
+    # 8 prompts x 2 samples = 16 rollouts: 2 minibatches of 8 rows fill the
+    # 8 data shards.
+    (policy.RLConfig(algorithm="ppo", ppo_epochs=2, num_minibatches=2,
+                     samples_per_prompt=2), 3e-2),
 ], ids=["reinforce", "rloo", "ppo"])
 def test_rl_raises_the_reward_with_bounded_kl(rl, lr):
   trainer = _trainer(rl, lr=lr)
@@ -80,6 +83,14 @@ def test_rl_raises_the_reward_with_bounded_kl(rl, lr):
     assert "explained_variance" in m and "value_loss" in m
   if rl.algorithm == "ppo":
     assert 0.0 <= m["clip_fraction"] <= 1.0
+
+
+def test_ppo_minibatch_that_cannot_be_sharded_is_named_before_sampling():
+  trainer = _trainer(policy.RLConfig(algorithm="ppo", num_minibatches=2), steps=2)
+  with pytest.raises(ValueError, match=r"8 rollouts per step .* 2 minibatches"
+                     r" give 4 rows each, which the 8 data-parallel shards"):
+    trainer.train_step(PROMPTS, jax.random.key(0))
+  assert trainer.step == 0 and trainer.num_traces == 0
 
 
 def test_only_policy_and_value_adapters_train():
