@@ -193,6 +193,8 @@ class CheckpointManager:
 
 # The base weights of a module: every Param that is not a LoRA parameter.
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+# Path prefix of the backbone in a RewardModule (backbone + head) export.
+_BACKBONE = "backbone."
 
 
 def export_merged(path: str, model: nnx.Module, adapter: str | None) -> str:
@@ -240,12 +242,24 @@ def load_base(path: str, module: nnx.Module) -> None:
   expected = flatten(_abstract(state))
   with ocp.StandardCheckpointer() as ckpt:
     found = _metadata_shapes(ckpt.metadata(path))
-    check_compatible(
-        expected, found, where=path,
-        fix="The base model config differs from the one that wrote it: use"
-            " the same configs/models/*.gin (MODEL_CONFIG) as the SFT run.")
-    restored = ckpt.restore(path, {k: expected[k] for k in expected})
-  nnx.update(module, unflatten_like(state, dict(restored)))
+  # A RewardModule export (backbone.* + head.*, e.g. Hydra-SFT's) loaded into
+  # a bare Transformer: its backbone is the base, its head is skipped.
+  prefix = ""
+  if not expected.keys() & found.keys() and any(
+      k.startswith(_BACKBONE) for k in found):
+    prefix = _BACKBONE
+  check_compatible(
+      expected, {k[len(prefix):]: v for k, v in found.items()
+                 if k.startswith(prefix)}, where=path,
+      fix="The base model config differs from the one that wrote it: use"
+          " the same configs/models/*.gin (MODEL_CONFIG) as the SFT run.")
+  target = {prefix + k: v for k, v in expected.items()}
+  with ocp.PyTreeCheckpointer() as ckpt:  # partial: extra entries stay on disk
+    restored = ckpt.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+  nnx.update(module, unflatten_like(
+      state, {k: restored[prefix + k] for k in expected}))
 
 
 def param_bytes(tree: Any) -> int:

@@ -121,10 +121,11 @@ def eval_metrics(kind: str, outputs: Mapping[str, np.ndarray],
           "num_examples": float(len(s))}
 
 
-def trainable_filter(finetune: str) -> nnx.filterlib.Filter:
-  """LoRA: the reward adapter + the head. Full: every parameter."""
+def trainable_filter(finetune: str, adapter: str = ADAPTER
+                     ) -> nnx.filterlib.Filter:
+  """LoRA: the adapter + the head. Full: every parameter."""
   if finetune == "lora":
-    return nnx.Any(lora_lib.adapter_filter(ADAPTER), nnx.PathContains(HEAD_NAME))
+    return nnx.Any(lora_lib.adapter_filter(adapter), nnx.PathContains(HEAD_NAME))
   if finetune == "full":
     return nnx.Param
   raise ValueError(f"finetune={finetune!r}: use one of {FINETUNE_MODES}.")
@@ -132,10 +133,10 @@ def trainable_filter(finetune: str) -> nnx.filterlib.Filter:
 
 def build(*, model_config: TransformerConfig, finetune: str, lora: LoRAConfig,
           partitioner: partitioning.Partitioner, seed: int,
-          base_checkpoint: str | None) -> RewardModule:
+          base_checkpoint: str | None, adapter: str = ADAPTER) -> RewardModule:
   """A sharded RewardModule, its backbone loaded from `base_checkpoint`."""
   trainable_filter(finetune)  # validates finetune
-  adapters = {ADAPTER: lora} if finetune == "lora" else None
+  adapters = {adapter: lora} if finetune == "lora" else None
   module = partitioner.create_sharded_model(
       lambda: RewardModule(model_config, adapters=adapters,
                            rngs=nnx.Rngs(seed)))
