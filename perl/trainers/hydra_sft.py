@@ -147,18 +147,9 @@ def make_evaluate(model: HydraSftModel, trainer: core.Trainer, *, task: str,
   batches = loop.eval_batches(task=task, feature_lengths=feature_lengths,
                               batch_size=batch_size, partitioner=partitioner,
                               split=split, max_batches=max_batches)
-  step = trainer.jit_eval(model.eval_outputs)
-
-  def evaluate() -> dict[str, float]:
-    outs: dict[str, list] = {}
-    for batch, n in batches():  # padded rows (beyond n) are dropped
-      for k, v in jax.device_get(step(batch)).items():
-        outs.setdefault(k, []).append(np.asarray(v)[:n])
-    if not outs:
-      raise ValueError(f"Eval split {split!r} of {task!r} gave no batches.")
-    return model.eval_metrics({k: np.concatenate(v) for k, v in outs.items()})
-
-  return evaluate
+  return loop.row_evaluate(
+      trainer.jit_eval(model.eval_outputs), batches, metrics=model.eval_metrics,
+      where=f"Eval split {split!r} of {task!r}")
 
 
 @gin.configurable(module="perl.trainers.hydra_sft")

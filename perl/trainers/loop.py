@@ -80,6 +80,33 @@ def eval_batches(
   return make
 
 
+def row_evaluate(
+    step: Callable[[dict], Mapping[str, Any]],
+    batches: Callable[[], Iterator[tuple[dict, int]]], *,
+    metrics: Callable[[dict[str, np.ndarray]], dict[str, float]],
+    batch_keys: tuple[str, ...] = (), where: str = "the eval split",
+) -> Callable[[], dict[str, float]]:
+  """() -> metrics(per-row outputs of `step` over one pass of `batches`).
+
+  Rows are concatenated across batches with the padding rows (beyond n_real)
+  dropped, so metrics that are not means of sums (AUC, accuracy of a score
+  comparison) are exact; `batch_keys` (e.g. labels) ride along from the batch.
+  """
+
+  def evaluate() -> dict[str, float]:
+    outs: dict[str, list] = {}
+    for batch, n in batches():
+      out = dict(jax.device_get(step(batch)))
+      out.update({k: batch[k] for k in batch_keys if k in batch})
+      for k, v in out.items():
+        outs.setdefault(k, []).append(np.asarray(v)[:n])
+    if not outs:
+      raise ValueError(f"{where} gave no batches.")
+    return metrics({k: np.concatenate(v) for k, v in outs.items()})
+
+  return evaluate
+
+
 def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
   """Token positions processed: every [B, T] integer feature named *tokens."""
   return int(sum(np.size(v) for k, v in batch.items()

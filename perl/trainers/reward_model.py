@@ -222,22 +222,8 @@ def make_evaluate(rm: RewardModel, trainer: core.Trainer, *, task: str,
   batches = loop.eval_batches(task=task, feature_lengths=feature_lengths,
                               batch_size=batch_size, partitioner=partitioner,
                               split=split, max_batches=max_batches)
-  step = trainer.jit_eval(rm.eval_outputs)
-
-  def evaluate() -> dict[str, float]:
-    outs: dict[str, list] = {}
-    labels = []
-    for batch, n in batches():
-      out = jax.device_get(step(batch))
-      for k, v in out.items():
-        outs.setdefault(k, []).append(np.asarray(v)[:n])
-      if "label" in batch:
-        labels.append(np.asarray(batch["label"])[:n])
-    if not outs:
-      raise ValueError(f"Eval split {split!r} of {task!r} gave no batches.")
-    outs = {k: np.concatenate(v) for k, v in outs.items()}
-    return eval_metrics(rm.kind, outs,
-                        np.concatenate(labels) if labels else None,
-                        rm.centering)
-
-  return evaluate
+  return loop.row_evaluate(
+      trainer.jit_eval(rm.eval_outputs), batches, batch_keys=("label",),
+      where=f"Eval split {split!r} of {task!r}",
+      metrics=lambda outs: eval_metrics(rm.kind, outs, outs.pop("label", None),
+                                        rm.centering))
