@@ -21,6 +21,35 @@ class GinConfigError(ValueError):
   """A gin file or binding is missing, misspelt or incomplete."""
 
 
+def _tolerant(exists):
+  """Gin's package-path reader, minus a crash on plain directories.
+
+  For `include 'runs/x.gin'` gin asks importlib for a package `runs`; a plain
+  directory of that name on sys.path (e.g. ./runs, a MODEL_DIR parent, with
+  cwd on sys.path under `python -m`) is a namespace package with no origin,
+  and gin 0.5.0 raises TypeError instead of trying the next search path.
+  """
+
+  def check(path: str) -> bool:
+    try:
+      return exists(path)
+    except TypeError:
+      return False
+
+  check.perl_tolerant = True
+  return check
+
+
+def _patch_gin_file_readers() -> None:
+  readers = gin.config._FILE_READERS  # pylint: disable=protected-access
+  for i, (reader, exists) in enumerate(readers):
+    if not getattr(exists, 'perl_tolerant', False):
+      readers[i] = (reader, _tolerant(exists))
+
+
+_patch_gin_file_readers()
+
+
 def _maybe_quote(value: str) -> str:
   """Quotes bare strings so that `--gin.MODEL_DIR=/tmp/x` just works.
 

@@ -100,3 +100,17 @@ def test_write_operative_config(tmp_path):
   assert path == str(tmp_path / 'model' / 'config.gin')
   assert 'toy_train.steps = 3' in text
   assert 'toy_train.learning_rate = 0.1' in text  # defaults are recorded too
+
+
+def test_include_beside_a_plain_directory_of_that_name(tmp_path, monkeypatch):
+  # `python -m perl.demo` writes ./runs/demo and has cwd on sys.path; gin then
+  # took ./runs for the package of `include 'runs/...'` and crashed.
+  (tmp_path / 'configs' / 'runs').mkdir(parents=True)
+  (tmp_path / 'configs' / 'runs' / 'base.gin').write_text(
+      'test_gin_utils.toy_train.steps = 3\n')
+  (tmp_path / 'configs' / 'exp.gin').write_text("include 'runs/base.gin'\n")
+  (tmp_path / 'runs' / 'demo').mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  gin_utils.parse_gin_flags([str(tmp_path / 'configs')], ['exp.gin'], [])
+  assert gin.query_parameter('test_gin_utils.toy_train.steps') == 3
