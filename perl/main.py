@@ -1,6 +1,6 @@
 r"""perl's gin entry point (t5x style).
 
-  python -m perl.main --gin_file=runs/sft_tiny.gin --gin.TRAIN_STEPS=100 \
+  python -m perl.main --gin_file=experiments/synthetic_sft.gin --gin.TRAIN_STEPS=100 \
       --gin.MODEL_DIR=/tmp/run --gin_search_paths=configs --jax_backend=cpu
 
 Gin files bind `run.fn` to the function to run (e.g. `run.fn =
