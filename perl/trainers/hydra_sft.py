@@ -208,11 +208,6 @@ def train(
       batch_size=eval_batch_size or batch_size, partitioner=partitioner,
       max_batches=eval_max_batches)
 
-  def on_finish(t: core.Trainer):
-    if export:  # every process calls: Orbax coordinates multi-host saves
-      checkpoints.export_merged(
-          f"{model_dir}/{checkpoints.EXPORT_DIR}", t.model(), model.adapter)
-
   return loop.fit(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,
       train_batches=loop.train_batches(
@@ -221,4 +216,5 @@ def train(
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric=None, log_every=log_every, seed=seed,
       headline=("loss", "sft_loss", "bt_loss", "accuracy"),
-      on_finish=on_finish, stop_at_step=stop_at_step)
+      on_finish=loop.export_on_finish(model_dir, model.adapter) if export
+      else None, stop_at_step=stop_at_step)

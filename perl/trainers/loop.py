@@ -107,6 +107,20 @@ def row_evaluate(
   return evaluate
 
 
+def export_on_finish(model_dir: str, adapter: str | None, *,
+                     part: Callable[[Any], Any] = lambda model: model
+                     ) -> Callable[[Any], None]:
+  """`fit`'s on_finish that writes MODEL_DIR/export, the next stage's base:
+  `part` of the final model with `adapter` merged. Every process calls it:
+  Orbax coordinates multi-host saves."""
+
+  def on_finish(trainer) -> None:
+    checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
+                              part(trainer.model()), adapter)
+
+  return on_finish
+
+
 def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
   """Token positions processed: every [B, T] integer feature named *tokens."""
   return int(sum(np.size(v) for k, v in batch.items()

@@ -548,11 +548,6 @@ def train(
           split=eval_split, max_batches=eval_max_batches),
       sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth)
 
-  def on_finish(t: PolicyTrainer):
-    if export:
-      checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
-                                t.model().backbone, POLICY)
-
   return loop.fit(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,
       train_batches=loop.train_batches(
@@ -561,7 +556,10 @@ def train(
       evaluate=evaluate, eval_every=eval_every,
       checkpoint=checkpoint or checkpoints.CheckpointConfig(),
       best_metric=best_metric, log_every=log_every, seed=seed,
-      headline=("reward_mean", "kl"), on_finish=on_finish)
+      headline=("reward_mean", "kl"),
+      on_finish=loop.export_on_finish(model_dir, POLICY,
+                                      part=lambda m: m.backbone)
+      if export else None)
 
 
 gin.external_configurable(decoding.SamplingConfig, module="perl.decoding")

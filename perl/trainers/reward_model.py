@@ -200,11 +200,6 @@ def train(
       batch_size=eval_batch_size or batch_size, partitioner=partitioner,
       max_batches=eval_max_batches)
 
-  def on_finish(t: core.Trainer):
-    if export:  # every process calls: Orbax coordinates multi-host saves
-      checkpoints.export_merged(
-          f"{model_dir}/{checkpoints.EXPORT_DIR}", t.model(), rm.adapter)
-
   return loop.fit(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,
       train_batches=loop.train_batches(
@@ -212,7 +207,8 @@ def train(
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric="accuracy", log_every=log_every, seed=seed,
-      on_finish=on_finish, stop_at_step=stop_at_step)
+      on_finish=loop.export_on_finish(model_dir, rm.adapter) if export
+      else None, stop_at_step=stop_at_step)
 
 
 def make_evaluate(rm: RewardModel, trainer: core.Trainer, *, task: str,

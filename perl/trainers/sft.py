@@ -132,15 +132,12 @@ def train(
     return {"loss": totals["loss_sum"] / tokens,
             "accuracy": totals["correct"] / tokens, "tokens": totals["tokens"]}
 
-  def on_finish(t: core.Trainer):
-    checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
-                              t.model(), sft.adapter)
-
   return loop.fit(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,
       train_batches=loop.train_batches(
           task=mixture_or_task_name, feature_lengths=task_feature_lengths,
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
-      best_metric=None, log_every=log_every, seed=seed, on_finish=on_finish,
+      best_metric=None, log_every=log_every, seed=seed,
+      on_finish=loop.export_on_finish(model_dir, sft.adapter),
       stop_at_step=stop_at_step)
