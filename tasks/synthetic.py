@@ -7,10 +7,26 @@ Small on purpose (5 drinks, counts 1-3, 1-3 distinct drinks; prompt <= 41
 bytes, response <= 26 bytes) so a tiny byte-level transformer learns it in a
 few hundred CPU steps. The SFT targets come from an imperfect policy (about
 half are wrong in realistic ways) so RL has room to improve on SFT.
+
+Held-out orders. There are only 1,815 distinct prompts (375 item sets, each
+in every item order), so independent random streams per split would share
+almost every prompt. Instead the space is partitioned: each item *set* (the
+unit the ground truth sees: it ignores item order) belongs to exactly one
+split, chosen by a fixed hash independent of the sampling seed, stratified by
+the number of items so every split has 1-, 2- and 3-item orders. With the
+default fractions (20% validation, 20% test) the splits hold 1,089 / 363 / 363
+distinct prompts (`distinct_prompts(split)`); a split's examples are drawn
+from its own orders with the same distribution as before (item count uniform
+in 1-3, then a uniform order of that size), so validation and test prompts
+never occur in train.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import itertools
+import math
 import random
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -28,7 +44,10 @@ PROMPT_SUFFIX = "\nconfirm:"
 # Feature lengths that fit every synthetic example, with room for EOS.
 FEATURE_LENGTHS = {"prompt": 48, "response": 32}
 SFT_FEATURE_LENGTHS = {"inputs": 48, "targets": 32}
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
+# Salt of the split hash: fixed, so the sampling seed never moves an order
+# between splits.
+_SPLIT_SALT = "perl-synthetic-split/v1"
 MISTAKES = ("dropped_item", "wrong_count", "swapped_drink", "extra_item")
 # Markers a decoded response may end with; ground truth ignores them.
 _EOS_MARKERS = ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "\x01")
@@ -49,9 +68,15 @@ def vocabulary() -> seqio.ByteVocabulary:
 class SyntheticConfig:
   # Examples in the train split.
   num_train: int = 20_000
-  # Examples in the validation split.
+  # Examples in the validation split (the RM eval reads 1,000 pairs).
   num_validation: int = 1_000
-  # Base seed; each split draws from its own stream, so splits never share one.
+  # Examples in the test split.
+  num_test: int = 1_000
+  # Fraction of item sets (per item count) held out for validation.
+  validation_fraction: float = 0.2
+  # Fraction of item sets (per item count) held out for test.
+  test_fraction: float = 0.2
+  # Base seed of the sampling streams (the split of an order does not depend on it).
   seed: int = 0
   # Fraction of SFT targets that the imperfect policy gets wrong.
   sft_error_rate: float = 0.5
@@ -141,11 +166,77 @@ def mistaken_order(order: Order, rng: random.Random) -> Order:
 
 
 def _split_size(config: SyntheticConfig, split: str) -> int:
-  if split == "train":
-    return config.num_train
-  if split == "validation":
-    return config.num_validation
-  raise ValueError(f"synthetic tasks have splits {SPLITS}, not {split!r}")
+  sizes = {"train": config.num_train, "validation": config.num_validation,
+           "test": config.num_test}
+  if split not in sizes:
+    raise ValueError(f"synthetic tasks have splits {SPLITS}, not {split!r}")
+  return sizes[split]
+
+
+Items = Tuple[Tuple[int, str], ...]  # An order's item set, sorted by drink.
+
+
+def _item_sets(num_items: int) -> List[Items]:
+  return [tuple((count, drink) for count, drink in zip(counts, drinks))
+          for drinks in itertools.combinations(sorted(DRINKS), num_items)
+          for counts in itertools.product(range(1, MAX_COUNT + 1),
+                                          repeat=num_items)]
+
+
+def _hash(items: Items) -> str:
+  return hashlib.sha256(f"{_SPLIT_SALT}/{items}".encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _split_item_sets(split: str, validation_fraction: float,
+                     test_fraction: float) -> Tuple[Tuple[Items, ...], ...]:
+  """Per item count 1..MAX_ITEMS, the item sets of `split` (disjoint)."""
+  if split not in SPLITS:
+    raise ValueError(f"synthetic tasks have splits {SPLITS}, not {split!r}")
+  per_count = []
+  for num_items in range(1, MAX_ITEMS + 1):
+    ranked = sorted(_item_sets(num_items), key=_hash)
+    n_validation = max(1, round(validation_fraction * len(ranked)))
+    n_test = max(1, round(test_fraction * len(ranked)))
+    if n_validation + n_test >= len(ranked):
+      raise ValueError("validation_fraction + test_fraction leave no "
+                       f"{num_items}-item orders for train")
+    bounds = {"validation": (0, n_validation),
+              "test": (n_validation, n_validation + n_test),
+              "train": (n_validation + n_test, len(ranked))}[split]
+    per_count.append(tuple(ranked[bounds[0]:bounds[1]]))
+  return tuple(per_count)
+
+
+def split_item_sets(split: str, config: Optional[SyntheticConfig] = None
+                    ) -> Tuple[Tuple[Items, ...], ...]:
+  config = config or SyntheticConfig()
+  return _split_item_sets(split, config.validation_fraction,
+                          config.test_fraction)
+
+
+def distinct_prompts(split: str, config: Optional[SyntheticConfig] = None
+                     ) -> int:
+  """How many distinct prompts `split` can emit: every order of its sets."""
+  return sum(math.factorial(len(items))
+             for sets in split_item_sets(split, config) for items in sets)
+
+
+def split_of(order: Order, config: Optional[SyntheticConfig] = None) -> str:
+  """The split whose orders include `order` (any item order)."""
+  items = tuple(sorted(order, key=lambda item: item[1]))
+  for split in SPLITS:
+    if items in split_item_sets(split, config)[len(items) - 1]:
+      return split
+  raise ValueError(f"{order} is not a synthetic order")
+
+
+def split_order(rng: random.Random, sets: Tuple[Tuple[Items, ...], ...]
+                ) -> Order:
+  """`random_order`'s distribution restricted to one split: the item count
+  uniform, then every order of that size in the split equally likely."""
+  items = rng.choice(sets[rng.randint(1, MAX_ITEMS) - 1])
+  return tuple(rng.sample(items, len(items)))
 
 
 def _rng(config: SyntheticConfig, split: str, kind: str) -> random.Random:
@@ -159,8 +250,9 @@ def generate(kind: str, split: str,
   """Text records of one kind; deterministic in (config.seed, split, kind)."""
   config = config or SyntheticConfig()
   rng = _rng(config, split, kind)
+  sets = split_item_sets(split, config)
   for index in range(_split_size(config, split)):
-    order = random_order(rng)
+    order = split_order(rng, sets)
     prompt = make_prompt(order)
     if kind == common.PROMPTS:
       yield {"prompt": prompt}

@@ -1,4 +1,5 @@
 """Synthetic coffee-order tasks: determinism, truth, kinds, converted batches."""
+import random
 import time
 
 import numpy as np
@@ -35,11 +36,37 @@ def test_generation_is_deterministic_short_and_fast():
   assert prompts[0].startswith("order: ") and prompts[0].endswith("\nconfirm:")
 
 
-def test_splits_use_disjoint_streams():
-  train = [r["prompt"] for r in synthetic.generate("prompts", "train", SMALL)]
-  valid = [r["prompt"] for r in synthetic.generate("prompts", "validation",
-                                                   SMALL)]
-  assert len(valid) == 100 and train[:100] != valid
+def test_split_orders_are_disjoint_and_cover_the_space():
+  sets = {split: {items for per_count in synthetic.split_item_sets(split)
+                  for items in per_count} for split in synthetic.SPLITS}
+  assert not sets["train"] & sets["validation"]
+  assert not sets["train"] & sets["test"]
+  assert not sets["validation"] & sets["test"]
+  assert sum(len(v) for v in sets.values()) == 15 + 90 + 270
+  assert [synthetic.distinct_prompts(s) for s in synthetic.SPLITS] == [
+      1089, 363, 363]
+  # Every split has 1-, 2- and 3-item orders.
+  for split in synthetic.SPLITS:
+    assert all(synthetic.split_item_sets(split))
+
+
+def test_held_out_prompts_and_pairs_never_occur_in_train():
+  config = synthetic.SyntheticConfig()  # the demo's sizes
+  train = {r["prompt"] for r in synthetic.generate("prompts", "train", config)}
+  assert len(train) == 1088  # of 1,089: 20k draws miss one 3-item order
+  for split in ("validation", "test"):
+    pairs = list(synthetic.generate("preference", split, config))
+    assert len(pairs) == 1000  # the RM eval's 1,000 pairs
+    assert not {p["prompt"] for p in pairs} & train
+    # Item order does not rescue a train prompt either.
+    rng = random.Random(0)
+    for _ in range(50):
+      order = synthetic.split_order(rng, synthetic.split_item_sets(split))
+      shuffled = tuple(rng.sample(order, len(order)))
+      assert synthetic.split_of(shuffled) == split
+    prompts = [r["prompt"] for r in synthetic.generate("prompts", split,
+                                                       config)][:256]
+    assert not set(prompts) & train and len(set(prompts)) > 100
 
 
 def test_sft_targets_are_imperfect_about_half_the_time():
@@ -83,7 +110,7 @@ def test_registered_tasks_and_vocabulary():
   for kind in common.KINDS:
     task = seqio.get_mixture_or_task(f"synthetic_{kind}")
     assert pipeline.task_kind(f"synthetic_{kind}") == kind
-    assert set(task.splits) == {"train", "validation"}
+    assert set(task.splits) == {"train", "validation", "test"}
   assert synthetic.vocabulary().vocab_size == 259
   assert pipeline.vocabulary("synthetic_preference") is synthetic.vocabulary()
 
