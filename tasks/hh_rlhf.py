@@ -52,7 +52,7 @@ def pairs(subset: str, split: str) -> Iterator[dict]:
   scope = f"hh_rlhf/{subset}/{split}"
   path = paths.dataset_file(SOURCE, f"{subset}/{split}.jsonl.gz")
   for where, record in readers.read_json_lines(
-      path, required=("chosen", "rejected"), scope=scope):
+      path, required={"chosen": str, "rejected": str}, scope=scope):
     parts = readers.parse_or_bad_row(
         where, lambda: split_pair(record["chosen"], record["rejected"]),
         scope=scope)

@@ -16,7 +16,8 @@ SOURCE = paths.DataSourceInfo(
     name="SHP", folder="SHP",
     origin="https://huggingface.co/datasets/stanfordnlp/SHP")
 SPLITS = ("train", "validation", "test")
-_FIELDS = ("post_id", "history", "human_ref_A", "human_ref_B", "labels")
+_FIELDS = {"post_id": str, "history": str, "human_ref_A": str,
+           "human_ref_B": str, "labels": int}
 
 
 def format_prompt(history: str) -> str:

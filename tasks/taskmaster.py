@@ -17,36 +17,93 @@ Every dialog is first turned into the reward sets' turn list, so SFT targets,
 reward-model inputs and RL prompts share one text rendering:
   prompt   = "user: hi\nagent: [api] {...}\napi: {...}\nagent:"
   response = " " + the next agent turn's body
-Upstream has no splits: a conversation is in "validation" when
-crc32(conversation_id) % 20 == 0, else in "train"; "all" holds both.
+
+Splits, by the unit that leaks ("all" is every row exactly as published):
+  dialogs (SFT): one dialog is one conversation_id. TM-3 publishes official
+      splits (splits/{train,dev,test}/*.tsv, the dialog id in the last
+      column; dev is "validation"); they are used when present, and a dialog
+      they do not list is in "all" only. Otherwise crc32(conversation_id)
+      % 20 is 0 for "validation", 1 for "test", else "train".
+  reward sets: conversation_id is unique per *row*, while one dialog gives
+      many rows whose contexts extend one another. Rows are grouped (union-
+      find) when one context is a prefix of the other, the contexts are
+      equal or the conversation_id is shared; a group goes to one split by
+      crc32 of its shortest context, as above. The empty context (the
+      dialog's opening) is a prefix of every context, so its rows stay in
+      "train". Exact duplicate rows (same prompt, response and label) are
+      removed from train/validation/test and counted as "duplicate_rows".
 """
 from __future__ import annotations
 
+import functools
+import glob
 import json
+import os
 import zlib
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from perl.data import paths, readers, vocabularies
+from perl.data import paths, readers, report, vocabularies
 from tasks import common
 
 SOURCE = paths.DataSourceInfo(
     name="Taskmaster", folder="taskmaster",
     origin="https://github.com/google-research-datasets/Taskmaster")
-SPLITS = ("train", "validation", "all")
+SPLITS = ("train", "validation", "test", "all")
 VERSIONS = {"taskmaster4": "TM-4-2024", "taskmaster3": "TM-3-2020"}
-_VALIDATION_BUCKETS = 20
-_REWARD_FIELDS = ("conversation_id", "context", "generation", "reward")
-_DIALOG_FIELDS = ("conversation_id", "utterances")
+_BUCKETS = 20
+_BUCKET_SPLITS = {0: "validation", 1: "test"}  # other buckets: train
+# Official split folders (TM-3) -> our split names.
+_OFFICIAL_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+_REWARD_FIELDS = {"conversation_id": str, "context": str, "generation": str,
+                  "reward": (int, float)}
+_DIALOG_FIELDS = {"conversation_id": str, "utterances": list}
 _SPEAKER_ROLES = {"user": "user", "assistant": "agent", "agent": "agent"}
 
 Turn = Dict[str, object]
 
 
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"Taskmaster tasks have splits {SPLITS}, not {split!r}")
+
+
+def bucket_split(key: str) -> str:
+  """The split of a dialog id or reward-row group key, by a stable hash."""
+  return _BUCKET_SPLITS.get(zlib.crc32(key.encode()) % _BUCKETS, "train")
+
+
 def in_split(conversation_id: str, split: str) -> bool:
-  if split == "all":
-    return True
-  is_validation = zlib.crc32(conversation_id.encode()) % _VALIDATION_BUCKETS == 0
-  return is_validation == (split == "validation")
+  """Hash split of one dialog (no official split file)."""
+  _check_split(split)
+  return split == "all" or bucket_split(conversation_id) == split
+
+
+def official_splits(version: str) -> Optional[Dict[str, str]]:
+  """{dialog id: split} from the release's splits/ folder, or None."""
+  root = os.path.join(paths.data_dir(), SOURCE.folder, VERSIONS[version],
+                      "splits")
+  if not os.path.isdir(root):
+    return None
+  return _read_official_splits(root)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_official_splits(root: str) -> Dict[str, str]:
+  assignment: Dict[str, str] = {}
+  for folder, split in _OFFICIAL_SPLITS.items():
+    for path in sorted(glob.glob(os.path.join(root, folder, "*.tsv"))):
+      for line_number, line in enumerate(readers.read_text_lines(path), 1):
+        dialog_id = line.rstrip("\n").rsplit("\t", 1)[-1].strip()
+        if not dialog_id.startswith("dlg-"):
+          raise readers.MalformedRowError(
+              f"{path}:{line_number}: malformed row: the last column should "
+              f"be a dialog id (dlg-...), got {dialog_id[:40]!r}")
+        previous = assignment.setdefault(dialog_id, split)
+        if previous != split:
+          raise readers.MalformedRowError(
+              f"{path}:{line_number}: dialog {dialog_id} is listed in both "
+              f"{previous} and {split}")
+  return assignment
 
 
 def turn_body(turn: Turn) -> str:
@@ -147,13 +204,31 @@ def parse_reward_record(record: dict) -> dict:
           "response": render_response(generation), "label": reward}
 
 
+def _files(version: str, subdir: str) -> Sequence[str]:
+  files = paths.dataset_files(SOURCE, f"{VERSIONS[version]}/{subdir}/*.json")
+  readers.check_files_open(files, readers.ARRAY)
+  return files
+
+
+def check_files(version: str, subdir: str) -> None:
+  """Every file of one part opens and is complete (before the graph)."""
+  _files(version, subdir)
+
+
 def _records(version: str, subdir: str, required, split: str
              ) -> Iterator[tuple]:
+  _check_split(split)
   scope = f"{version}/{subdir}/{split}"
-  for path in paths.dataset_files(SOURCE, f"{VERSIONS[version]}/{subdir}/*.json"):
+  official = official_splits(version) if subdir == "data" else None
+  for path in _files(version, subdir):
     for where, record in readers.read_json_array(path, required=required,
                                                  scope=scope):
-      if in_split(str(record["conversation_id"]), split):
+      conversation_id = str(record["conversation_id"])
+      if official is not None:
+        keep = split == "all" or official.get(conversation_id) == split
+      else:
+        keep = subdir != "data" or in_split(conversation_id, split)
+      if keep:
         yield where, record, scope
 
 
@@ -164,12 +239,78 @@ def dialog_sft_examples(version: str, split: str) -> Iterator[dict]:
     yield from examples or ()
 
 
+def _context_key(record: dict) -> Tuple[str, ...]:
+  """A reward row's context as a tuple of canonical turns (for prefixes)."""
+  return tuple(json.dumps(turn, sort_keys=True, ensure_ascii=False)
+               for turn in json.loads(record["context"]))
+
+
+def group_rows(contexts: Sequence[Tuple[str, ...]],
+               conversation_ids: Sequence[str]) -> List[str]:
+  """Per row, the split of its group: rows whose contexts are equal or
+  prefixes of one another, or that share a conversation_id, get one split."""
+  parent = list(range(len(contexts)))
+
+  def find(i: int) -> int:
+    while parent[i] != i:
+      parent[i] = parent[parent[i]]
+      i = parent[i]
+    return i
+
+  def union(i: int, j: int) -> None:
+    parent[find(i)] = find(j)
+
+  first: Dict[object, int] = {}
+  for i, (context, cid) in enumerate(zip(contexts, conversation_ids)):
+    for key in (("context", context), ("id", cid)):
+      if key in first:
+        union(i, first[key])
+      else:
+        first[key] = i
+  for i, context in enumerate(contexts):
+    # Proper, non-empty prefixes: the empty one is shared by every dialog.
+    for length in range(1, len(context)):
+      j = first.get(("context", context[:length]))
+      if j is not None:
+        union(i, j)
+  shortest: Dict[int, Tuple[str, ...]] = {}
+  for i, context in enumerate(contexts):
+    root = find(i)
+    if root not in shortest or (len(context), context) < (
+        len(shortest[root]), shortest[root]):
+      shortest[root] = context
+  splits = []
+  for i in range(len(contexts)):
+    key = shortest[find(i)]
+    splits.append(bucket_split(json.dumps(key)) if key else "train")
+  return splits
+
+
 def reward_examples(version: str, split: str) -> Iterator[dict]:
-  for where, record, scope in _records(version, "reward", _REWARD_FIELDS, split):
+  scope = f"{version}/reward/{split}"
+  rows = []
+  for where, record, _ in _records(version, "reward", _REWARD_FIELDS, split):
     example = readers.parse_or_bad_row(
-        where, lambda: parse_reward_record(record), scope=scope)
+        where, lambda: (parse_reward_record(record), _context_key(record)),
+        scope=scope)
     if example is not None:
+      rows.append((example, str(record["conversation_id"])))
+  if split == "all":  # as published: every row, duplicates included
+    for (example, _), _ in rows:
       yield example
+    return
+  row_splits = group_rows([context for (_, context), _ in rows],
+                          [cid for _, cid in rows])
+  seen = set()
+  for ((example, _), _), row_split in zip(rows, row_splits):
+    if row_split != split:
+      continue
+    key = (example["prompt"], example["response"], example["label"])
+    if key in seen:
+      report.count(scope, "duplicate_rows")
+      continue
+    seen.add(key)
+    yield example
 
 
 def reward_prompts(version: str, split: str) -> Iterator[dict]:

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import gzip
 import json
-from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
+import os
+import re
+import zlib
+from typing import (Any, Callable, Iterator, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 import gin
 from absl import logging
@@ -31,10 +35,103 @@ def bad_row_policy(policy: str = FAIL) -> str:
   return policy
 
 
-def _open_text(path: str):
+class DataFileError(ValueError):
+  """A whole file is unreadable (truncated, an LFS pointer, wrong format).
+
+  Raised whatever `bad_row_policy()` says: skipping would silently read zero
+  rows from the file.
+  """
+
+
+ARRAY = "array"
+LINES = "lines"
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+_CHUNK = 1 << 20
+# (path, size, mtime) of files that passed `check_file`: checked once a process.
+_CHECKED: set = set()
+
+
+def _read_bytes(path: str) -> bytes:
+  """The file's bytes (gunzipped for .gz); a truncated gzip names the file."""
+  try:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    with open(path, "rb") as f:
+      return f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise DataFileError(
+        f"{path}: not a complete gzip file ({e}); the download was probably "
+        "cut short: fetch the file again.") from None
+
+
+def _check_lfs(path: str, head: bytes) -> None:
+  if head.startswith(_LFS_POINTER):
+    raise DataFileError(
+        f"{path}: a Git LFS pointer, not the data: run `git lfs pull` in the "
+        "clone it came from (or download the file itself).")
+
+
+def check_file(path: str, expected: Optional[str] = None) -> None:
+  """Raises DataFileError unless `path` is complete data in format `expected`
+  ("array": one JSON array; "lines": JSON lines; None: either).
+
+  Called before the input graph is built, so a bad file is one clear error
+  rather than a failure deep inside tf.data.
+  """
+  try:
+    stat = os.stat(path)
+  except OSError as e:
+    raise DataFileError(f"{path}: cannot be opened ({e.strerror}).") from None
+  key = (path, stat.st_size, stat.st_mtime_ns, expected)
+  if key in _CHECKED:
+    return
+  with open(path, "rb") as f:
+    head = f.read(256)
+  _check_lfs(path, head)
   if path.endswith(".gz"):
-    return gzip.open(path, "rt", encoding="utf-8")
-  return open(path, "r", encoding="utf-8")
+    if not head.startswith(b"\x1f\x8b"):
+      raise DataFileError(f"{path}: named .gz but is not gzip data.")
+    try:  # Reads to the end: truncation only shows at the end.
+      with gzip.open(path, "rb") as f:
+        head = f.read(256)
+        while f.read(_CHUNK):
+          pass
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+      raise DataFileError(
+          f"{path}: not a complete gzip file ({e}); the download was "
+          "probably cut short: fetch the file again.") from None
+    _check_lfs(path, head)
+  first = head.lstrip()[:1]
+  if expected == ARRAY and not first:
+    raise DataFileError(f"{path}: is empty; expected one JSON array.")
+  if expected == ARRAY and first != b"[":
+    found = "JSON lines or one object" if first == b"{" else repr(first)
+    raise DataFileError(
+        f"{path}: expected one JSON array of records but the file starts "
+        f"with {found}: is this the right file?")
+  if expected == LINES and first == b"[":
+    raise DataFileError(
+        f"{path}: expected JSON lines (one object per line) but the file "
+        "holds a JSON array: is this the right file?")
+  _CHECKED.add(key)
+
+
+def check_files_open(paths: Sequence[str], expected: Optional[str] = None
+                     ) -> None:
+  for path in paths:
+    check_file(path, expected)
+
+
+def read_text_lines(path: str) -> Iterator[str]:
+  """Lines of a small text file; non-UTF-8 bytes name the file and line."""
+  for line_number, raw in enumerate(_read_bytes(path).splitlines(True), 1):
+    try:
+      yield raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise MalformedRowError(
+          f"{path}:{line_number}: malformed row: not UTF-8 ({e.reason} at "
+          f"byte {e.start} of the line)") from None
 
 
 def handle_bad_row(where: str, problem: str, *, scope: str) -> None:
@@ -49,57 +146,124 @@ def handle_bad_row(where: str, problem: str, *, scope: str) -> None:
   logging.warning("skipping %s", message)
 
 
-def require_fields(record: Any, fields: Sequence[str]) -> Optional[str]:
-  """The problem with `record` as text, or None when all fields are present."""
+# Required fields: names, or {name: type or tuple of types}.
+Fields = Union[Sequence[str], Mapping[str, Any]]
+_JSON_TYPES = {str: "a string", int: "an integer", float: "a number",
+               list: "a list", dict: "an object", bool: "true/false"}
+
+
+def _type_name(types) -> str:
+  types = types if isinstance(types, tuple) else (types,)
+  return " or ".join(_JSON_TYPES.get(t, t.__name__) for t in types)
+
+
+def require_fields(record: Any, fields: Fields) -> Optional[str]:
+  """The problem with `record` as text, or None when every field is present,
+  not null and (when `fields` maps names to types) of its type."""
   if not isinstance(record, dict):
     return f"expected a JSON object, got {type(record).__name__}"
   missing = [f for f in fields if f not in record]
   if missing:
     return f"missing field(s) {missing}"
+  nulls = [f for f in fields if record[f] is None]
+  if nulls:
+    return f"field(s) {nulls} are null"
+  if isinstance(fields, Mapping):
+    for name, types in fields.items():
+      value = record[name]
+      wrong = not isinstance(value, types) or (
+          isinstance(value, bool) and bool not in (
+              types if isinstance(types, tuple) else (types,)))
+      if wrong:
+        return (f"field {name!r} should be {_type_name(types)}, got "
+                f"{type(value).__name__} {str(value)[:40]!r}")
   return None
 
 
 def read_json_lines(
-    path: str, *, required: Sequence[str] = (), scope: str
+    path: str, *, required: Fields = (), scope: str
 ) -> Iterator[Tuple[str, dict]]:
   """Yields (where, record) for each non-blank line of a JSON-lines file."""
-  with _open_text(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_number}"
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        handle_bad_row(where, f"invalid JSON ({e.msg})", scope=scope)
-        continue
-      problem = require_fields(record, required)
-      if problem:
-        handle_bad_row(where, problem, scope=scope)
-        continue
-      yield where, record
+  check_file(path, LINES)
+  for line_number, raw in enumerate(_read_bytes(path).splitlines(), start=1):
+    if not raw.strip():
+      continue
+    where = f"{path}:{line_number}"
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      handle_bad_row(where, f"not UTF-8 ({e.reason} at byte {e.start})",
+                     scope=scope)
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      handle_bad_row(where, f"invalid JSON ({e.msg} at column {e.colno})",
+                     scope=scope)
+      continue
+    problem = require_fields(record, required)
+    if problem:
+      handle_bad_row(where, problem, scope=scope)
+      continue
+    yield where, record
+
+
+_SURROGATE = re.compile("[\udc80-\udcff]")
+_WHITESPACE = re.compile(r"\s*")
+
+
+def _next_record(text: str, pos: int, indent: str) -> Optional[int]:
+  """Where the record after a malformed one starts: the next "," then a "{"
+  at the first record's indentation (upstream files are pretty-printed)."""
+  pattern = r",\s*\n" + re.escape(indent) + r"\{" if indent else r",\s*\{"
+  match = re.compile(pattern).search(text, pos)
+  return match.end() - 1 if match else None
 
 
 def read_json_array(
-    path: str, *, required: Sequence[str] = (), scope: str
+    path: str, *, required: Fields = (), scope: str
 ) -> Iterator[Tuple[str, dict]]:
   """Yields (where, record) for each element of a file holding a JSON array.
 
-  A file that is not valid JSON is one malformed "row" (the whole file): the
-  error names the file and the line where parsing failed.
+  Records are parsed one at a time, so a malformed record (invalid JSON,
+  non-UTF-8 bytes, a missing, null or mistyped field) is one bad row named
+  "{path} record {i} (line {n})": skipping it keeps the rest of the file.
   """
-  with _open_text(path) as f:
+  check_file(path, ARRAY)
+  text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
+  decoder = json.JSONDecoder()
+  pos = _WHITESPACE.match(text, 0).end()
+  if text[pos:pos + 1] != "[":
+    raise DataFileError(f"{path}: expected one JSON array of records.")
+  pos = _WHITESPACE.match(text, pos + 1).end()
+  indent = text[text.rfind("\n", 0, pos) + 1:pos]
+  indent = indent if not indent.strip() else ""
+  index = 0
+  while pos < len(text) and text[pos] != "]":
+    line = text.count("\n", 0, pos) + 1
+    where = f"{path} record {index} (line {line})"
+    index += 1
     try:
-      records = json.load(f)
+      record, end = decoder.raw_decode(text, pos)
+      after = _WHITESPACE.match(text, end).end()
+      if text[after:after + 1] not in (",", "]"):
+        raise json.JSONDecodeError("expected ',' or ']' after a record",
+                                   text, after)
     except json.JSONDecodeError as e:
-      handle_bad_row(f"{path}:{e.lineno}", f"invalid JSON ({e.msg})",
-                     scope=scope)
-      return
-  if not isinstance(records, list):
-    handle_bad_row(path, "expected a JSON array of records", scope=scope)
-    return
-  for index, record in enumerate(records):
-    where = f"{path} record {index}"
+      handle_bad_row(where, f"invalid JSON ({e.msg}, line {e.lineno} column "
+                     f"{e.colno})", scope=scope)
+      resume = _next_record(text, max(e.pos, pos), indent)
+      if resume is None:
+        return
+      pos = resume
+      continue
+    bad_bytes = _SURROGATE.search(text, pos, end)
+    pos = after + 1 if text[after] == "," else after
+    pos = _WHITESPACE.match(text, pos).end()
+    if bad_bytes:
+      handle_bad_row(where, "not UTF-8 (byte 0x"
+                     f"{ord(bad_bytes.group()) - 0xdc00:02x})", scope=scope)
+      continue
     problem = require_fields(record, required)
     if problem:
       handle_bad_row(where, problem, scope=scope)
@@ -108,17 +272,14 @@ def read_json_array(
 
 
 def read_json_records(
-    path: str, *, required: Sequence[str] = (), scope: str
+    path: str, *, required: Fields = (), scope: str
 ) -> Iterator[Tuple[str, dict]]:
   """JSON array or JSON lines, decided by the first non-blank character."""
-  with _open_text(path) as f:
-    first = ""
-    while not first:
-      chunk = f.read(64)
-      if not chunk:
-        return
-      first = chunk.lstrip()[:1]
-  reader = read_json_array if first == "[" else read_json_lines
+  check_file(path)
+  first = _read_bytes(path).lstrip()[:1]
+  if not first:
+    return
+  reader = read_json_array if first == b"[" else read_json_lines
   yield from reader(path, required=required, scope=scope)
 
 
