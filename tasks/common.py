@@ -9,7 +9,8 @@ can be dropped in place); SeqIO shards it per host with `ds.shard(shard_info)`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Iterable, Iterator, Mapping, Sequence
+from typing import (Callable, Dict, Iterable, Iterator, List, Mapping,
+                    Optional, Sequence)
 
 import gin
 import seqio
@@ -64,7 +65,9 @@ class QualityPolicy:
   # Drop pairs whose chosen and rejected texts are identical (no signal).
   drop_identical_pairs: bool = True
   # Drop rows whose response/target is empty after stripping whitespace.
-  drop_empty_responses: bool = True
+  # Off by default: an empty reply is a real label (HH raters sometimes
+  # preferred it; TM-3 has empty negatives); they are counted either way.
+  drop_empty_responses: bool = False
 
 
 def checked(kind: str, records: Iterable[dict], scope: str,
@@ -98,18 +101,36 @@ def _signature(kind: str) -> Dict[str, tf.TensorSpec]:
   return signature
 
 
+# Python errors raised inside a generator, newest last: tf.data turns them
+# into an OpError carrying a traceback; `perl.data.pipeline` re-raises the
+# original instead (`pop_reader_error`).
+_READER_ERRORS: List[BaseException] = []
+
+
+def pop_reader_error() -> Optional[BaseException]:
+  return _READER_ERRORS.pop() if _READER_ERRORS else None
+
+
 def generator_source(
     name: str, kind: str, splits: Sequence[str],
     records_fn: Callable[[str], Iterable[dict]],
+    preflight: Optional[Callable[[str], None]] = None,
 ) -> seqio.FunctionDataSource:
   """A data source yielding `records_fn(split)` after the quality checks.
 
   `records_fn` runs lazily, when the dataset is iterated, so data paths and
-  gin bindings are resolved at read time.
+  gin bindings are resolved at read time. `preflight(split)` runs when the
+  dataset is built: it checks that every file exists and opens, so a missing,
+  truncated or wrong file is one error before any tf.data graph exists.
   """
 
   def dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
     del shuffle_files, seed  # Generators are ordered; seqio shuffles examples.
+    if split not in splits:
+      raise ValueError(f"{name} has no split {split!r}; its splits are "
+                       f"{list(splits)}.")
+    if preflight is not None:
+      preflight(split)
     scope = f"{name}/{split}"
     policy = QualityPolicy()
     fields = set(_signature(kind))
@@ -118,12 +139,16 @@ def generator_source(
       # Chunks cut the per-element Python->TF crossing, the pipeline's
       # bottleneck (about 2x examples/s on the synthetic preference task).
       chunk = {k: [] for k in fields}
-      for record in checked(kind, records_fn(split), scope, policy):
-        for k in fields:
-          chunk[k].append(record[k])
-        if len(chunk["prompt" if "prompt" in fields else "inputs"]) == _CHUNK:
-          yield chunk
-          chunk = {k: [] for k in fields}
+      try:
+        for record in checked(kind, records_fn(split), scope, policy):
+          for k in fields:
+            chunk[k].append(record[k])
+          if len(chunk["prompt" if "prompt" in fields else "inputs"]) == _CHUNK:
+            yield chunk
+            chunk = {k: [] for k in fields}
+      except Exception as e:  # pylint: disable=broad-except
+        _READER_ERRORS.append(e)
+        raise
       if any(chunk.values()):
         yield chunk
 
@@ -140,6 +165,7 @@ def register_task(
     records_fn: Callable[[str], Iterable[dict]],
     vocabulary: seqio.Vocabulary,
     metric_fns: Sequence[Callable] = (),
+    preflight: Optional[Callable[[str], None]] = None,
 ) -> seqio.Task:
   """Registers (or re-registers, so importing twice is safe) one task."""
   if kind not in KINDS:
@@ -148,7 +174,7 @@ def register_task(
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name,
-      source=generator_source(name, kind, splits, records_fn),
+      source=generator_source(name, kind, splits, records_fn, preflight),
       preprocessors=[seqio.preprocessors.tokenize,
                      seqio.preprocessors.append_eos],
       output_features=output_features(kind, vocabulary),

@@ -64,6 +64,12 @@ def pairs(subset: str, split: str) -> Iterator[dict]:
     yield {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def check_files(subset: str, split: str) -> None:
+  """The split's file exists, opens and is complete (before the graph)."""
+  readers.check_file(paths.dataset_file(SOURCE, f"{subset}/{split}.jsonl.gz"),
+                     readers.LINES)
+
+
 def task_name(subset: str, kind: str) -> str:
   return f"hh_rlhf_{subset.replace('-', '_')}_{kind}"
 
@@ -74,15 +80,18 @@ def register(vocabulary: Optional[object] = None) -> None:
     common.register_task(
         task_name(subset, common.PREFERENCE), kind=common.PREFERENCE,
         splits=SPLITS, vocabulary=vocabulary,
-        records_fn=lambda split, s=subset: pairs(s, split))
+        records_fn=lambda split, s=subset: pairs(s, split),
+        preflight=lambda split, s=subset: check_files(s, split))
     common.register_task(
         task_name(subset, common.SFT), kind=common.SFT, splits=SPLITS,
         vocabulary=vocabulary,
         records_fn=lambda split, s=subset: (
             {"inputs": p["prompt"], "targets": p["chosen"]}
-            for p in pairs(s, split)))
+            for p in pairs(s, split)),
+        preflight=lambda split, s=subset: check_files(s, split))
     common.register_task(
         task_name(subset, common.PROMPTS), kind=common.PROMPTS, splits=SPLITS,
         vocabulary=vocabulary,
         records_fn=lambda split, s=subset: (
-            {"prompt": p["prompt"]} for p in pairs(s, split)))
+            {"prompt": p["prompt"]} for p in pairs(s, split)),
+        preflight=lambda split, s=subset: check_files(s, split))

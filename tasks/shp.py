@@ -45,6 +45,12 @@ def pairs(split: str) -> Iterator[dict]:
         yield pair
 
 
+def check_files(split: str) -> None:
+  """Every domain's file of the split exists and opens (before the graph)."""
+  readers.check_files_open(paths.dataset_files(SOURCE, f"*/{split}.json"),
+                           readers.LINES)
+
+
 def distinct_prompts(split: str) -> Iterator[dict]:
   """One prompt per post (SHP has several comment pairs per post)."""
   seen = set()
@@ -57,10 +63,13 @@ def distinct_prompts(split: str) -> Iterator[dict]:
 def register(vocabulary: Optional[object] = None) -> None:
   vocabulary = vocabulary or vocabularies.ConfiguredVocabulary()
   common.register_task("shp_preference", kind=common.PREFERENCE, splits=SPLITS,
-                       vocabulary=vocabulary, records_fn=pairs)
+                       vocabulary=vocabulary, records_fn=pairs,
+                       preflight=check_files)
   common.register_task(
       "shp_sft", kind=common.SFT, splits=SPLITS, vocabulary=vocabulary,
       records_fn=lambda split: ({"inputs": p["prompt"], "targets": p["chosen"]}
-                                for p in pairs(split)))
+                                for p in pairs(split)),
+      preflight=check_files)
   common.register_task("shp_prompts", kind=common.PROMPTS, splits=SPLITS,
-                       vocabulary=vocabulary, records_fn=distinct_prompts)
+                       vocabulary=vocabulary, records_fn=distinct_prompts,
+                       preflight=check_files)

@@ -327,12 +327,15 @@ def register(vocabulary: Optional[object] = None) -> None:
   for version in VERSIONS:
     common.register_task(
         f"{version}_sft", kind=common.SFT, splits=SPLITS, vocabulary=vocabulary,
-        records_fn=lambda split, v=version: dialog_sft_examples(v, split))
+        records_fn=lambda split, v=version: dialog_sft_examples(v, split),
+        preflight=lambda split, v=version: check_files(v, "data"))
     common.register_task(
         f"{version}_pointwise", kind=common.POINTWISE, splits=SPLITS,
         vocabulary=vocabulary,
-        records_fn=lambda split, v=version: reward_examples(v, split))
+        records_fn=lambda split, v=version: reward_examples(v, split),
+        preflight=lambda split, v=version: check_files(v, "reward"))
     common.register_task(
         f"{version}_prompts", kind=common.PROMPTS, splits=SPLITS,
         vocabulary=vocabulary,
-        records_fn=lambda split, v=version: reward_prompts(v, split))
+        records_fn=lambda split, v=version: reward_prompts(v, split),
+        preflight=lambda split, v=version: check_files(v, "reward"))

@@ -1,15 +1,23 @@
-"""Print counts and a few decoded examples of a task or mixture.
+"""Print counts, leakage between splits and a few decoded examples of a task
+or mixture.
 
     python -m perl.data.inspect --task=synthetic_preference --split=validation \\
-        --num_examples=3 [--feature_lengths=prompt:48,response:32]
+        --num_examples=3 [--feature_lengths=prompt:48,response:32] [--no_leakage]
 
 Counts: examples after conversion, and the data report (skipped rows, empty
-responses, identical pairs, prompt mismatches, truncations).
+responses, identical pairs, duplicate rows, prompt mismatches, truncations).
+Leakage, per pair of splits (train vs validation, train vs test, validation
+vs test): how many distinct held-out prompts, and prompt+response pairs, also
+occur in the other split exactly or as a prefix of one of its prompts (a
+dialog context that continues in train), and how many held-out prompts
+extend one of its prompts. Computed on the text, before tokenization.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional
+import bisect
+import itertools
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -65,8 +73,75 @@ def describe(example: Dict[str, np.ndarray], kind: str, vocab) -> List[str]:
   return lines
 
 
+def split_texts(task: str, split: str) -> Tuple[List[str], List[Tuple[str, str]]]:
+  """(prompts, (prompt, response) pairs) of one split, every member task."""
+  from tasks import common
+
+  prompts: List[str] = []
+  pairs: List[Tuple[str, str]] = []
+  for member in pipeline.member_tasks(task):
+    source = pipeline.get_task(member).source
+    kind = pipeline.task_kind(member)
+    prompt_key = "inputs" if kind == common.SFT else "prompt"
+    response_keys = [f for f in common.TEXT_FIELDS[kind] if f != prompt_key]
+    ds = source.get_dataset(split=split, shuffle=False)
+    for row in pipeline.numpy_iterator(ds):
+      prompt = row[prompt_key].decode("utf-8")
+      prompts.append(prompt)
+      pairs.extend((prompt, row[k].decode("utf-8")) for k in response_keys)
+  return prompts, pairs
+
+
+def _is_prefix_of_any(text: str, ordered: Sequence[str]) -> bool:
+  """True when `text` is a proper prefix of a string in sorted `ordered`."""
+  i = bisect.bisect_right(ordered, text)
+  return i < len(ordered) and ordered[i].startswith(text) and ordered[i] != text
+
+
+def _extends_any(text: str, members: Set[str], ends: Set[str],
+                 lengths: Sequence[int]) -> bool:
+  """True when a string of `members` is a proper prefix of `text` (checked at
+  the lengths of `members` ending in one of their final characters)."""
+  return any(length < len(text) and text[length - 1] in ends
+             and text[:length] in members for length in lengths)
+
+
+def leakage(prompts_a: Iterable[str], pairs_a: Iterable[Tuple[str, str]],
+            prompts_b: Iterable[str], pairs_b: Iterable[Tuple[str, str]]
+            ) -> Dict[str, int]:
+  """How much of split b (held out) also occurs in split a, distinct rows."""
+  train_prompts = set(prompts_a)
+  ordered = sorted(train_prompts)
+  train_pairs = set(pairs_a)
+  ends = {p[-1] for p in train_prompts if p}
+  lengths = sorted({len(p) for p in train_prompts if p})
+  eval_prompts = set(prompts_b)
+  eval_pairs = set(pairs_b)
+  return {
+      "eval_prompts": len(eval_prompts),
+      "prompt_in_train": sum(p in train_prompts for p in eval_prompts),
+      "prompt_prefix_of_train_prompt": sum(
+          _is_prefix_of_any(p, ordered) for p in eval_prompts),
+      "train_prompt_prefix_of_prompt": sum(
+          _extends_any(p, train_prompts, ends, lengths) for p in eval_prompts),
+      "eval_pairs": len(eval_pairs),
+      "pair_in_train": sum(p in train_pairs for p in eval_pairs),
+      "pair_prefix_of_train_prompt": sum(
+          _is_prefix_of_any(p + r, ordered) for p, r in eval_pairs),
+  }
+
+
+def leakage_report(task: str) -> Dict[Tuple[str, str], Mapping[str, int]]:
+  """{(split a, held-out split b): leakage counts} for the task's splits."""
+  names = [s for s in pipeline.splits(task) if s != "all"]
+  texts = {split: split_texts(task, split) for split in names}
+  return {(a, b): leakage(*texts[a], *texts[b])
+          for a, b in itertools.combinations(names, 2)}
+
+
 def inspect(*, task: str, split: str, num_examples: int = 3,
-            feature_lengths: Optional[Dict[str, int]] = None) -> str:
+            feature_lengths: Optional[Dict[str, int]] = None,
+            with_leakage: bool = True) -> str:
   kind = pipeline.task_kind(task)
   lengths = feature_lengths or parse_lengths(None, kind, task)
   vocab = pipeline.vocabulary(task)
@@ -87,6 +162,9 @@ def inspect(*, task: str, split: str, num_examples: int = 3,
            f"converted {'packed rows' if kind == 'sft' else 'examples'}: {total}"]
   for scope, counts in sorted(report.all_counts().items()):
     lines.append(f"report {scope}: {counts}")
+  if with_leakage:
+    for (a, b), counts in leakage_report(task).items():
+      lines.append(f"leakage {b} in {a}: {dict(counts)}")
   return "\n".join(lines + shown)
 
 
@@ -97,10 +175,13 @@ def main(argv=None) -> None:
   parser.add_argument("--num_examples", type=int, default=3)
   parser.add_argument("--feature_lengths", default=None,
                       help="e.g. prompt:64,response:64")
+  parser.add_argument("--no_leakage", action="store_true",
+                      help="skip the split-overlap report (reads every split)")
   args = parser.parse_args(argv)
   kind = pipeline.task_kind(args.task)
   print(inspect(task=args.task, split=args.split,
                 num_examples=args.num_examples,
+                with_leakage=not args.no_leakage,
                 feature_lengths=parse_lengths(args.feature_lengths, kind,
                                               args.task)))
 

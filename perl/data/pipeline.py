@@ -48,6 +48,51 @@ def vocabulary(name: str) -> seqio.Vocabulary:
   return features[key].vocabulary
 
 
+def member_tasks(name: str) -> list:
+  """The tasks a mixture samples from (nested mixtures flattened), in order;
+  a task is its own only member."""
+  source = get_task(name)
+  if isinstance(source, seqio.Mixture):
+    return [task.name for task in source.tasks]
+  return [name]
+
+
+def splits(name: str) -> list:
+  """The splits of a task, or those every member of a mixture has."""
+  members = [get_task(m) for m in member_tasks(name)]
+  common = [s for s in members[0].splits
+            if all(s in m.splits for m in members[1:])]
+  return list(common)
+
+
+def check_split(name: str, split: str) -> None:
+  """One error naming the splits that exist when `split` does not."""
+  available = splits(name)
+  if split not in available:
+    raise ValueError(f"{name!r} has no split {split!r}; its splits are "
+                     f"{available} (set eval_split / the split to one of "
+                     "them).")
+
+
+def numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict]:
+  """`ds.as_numpy_iterator()`, re-raising a reader's own error (which names
+  the file and row) instead of the tf.data error that wraps it."""
+  from tasks import common
+
+  iterator = ds.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      original = common.pop_reader_error()
+      if original is None:
+        raise
+      raise original from None
+    yield batch
+
+
 def _shard_info(shard_info: ShardSpec) -> Optional[seqio.ShardInfo]:
   if shard_info is None or isinstance(shard_info, seqio.ShardInfo):
     return shard_info
@@ -72,6 +117,7 @@ def get_dataset(
   """
   source = get_task(task)
   kind = task_kind(task)
+  check_split(task, split)
   if shuffle is None:
     shuffle = split == "train"
   ds = source.get_dataset(
@@ -105,7 +151,7 @@ def get_batches(
                    drop_remainder=drop_remainder, truncation=truncation,
                    with_stats=True)
   scope = f"{task}/{split}"
-  for batch in ds.as_numpy_iterator():
+  for batch in numpy_iterator(ds):
     out = {}
     for key, value in batch.items():
       if key.startswith(feature_converters.STATS_PREFIX):

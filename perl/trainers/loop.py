@@ -45,7 +45,7 @@ def train_batches(
         task=task, split=split, feature_lengths=feature_lengths,
         batch_size=batch_size // num_shards, shard_info=(index, num_shards),
         seed=seed, shuffle=True, num_epochs=None)
-    return ds.skip(skip).as_numpy_iterator()
+    return pipeline.numpy_iterator(ds.skip(skip))
 
   return make
 
@@ -53,29 +53,37 @@ def train_batches(
 def eval_batches(
     *, task: str, feature_lengths: Mapping[str, int], batch_size: int,
     partitioner: partitioning.Partitioner, split: str = "validation",
-    max_batches: int | None = None,
-) -> Callable[[], Iterator[tuple[dict, int]]]:
-  """() -> (batch, n_real) over one pass of `split`, in file order.
+    max_batches: int | None = None, with_member: bool = False,
+) -> Callable[[], Iterator[tuple]]:
+  """() -> (batch, n_real[, member]) over one pass of `split`, in file order.
 
-  The last, partial batch is padded by repeating its last row so every batch
-  has one shape (one compilation); n_real says how many rows are real.
+  A mixture is read member by member, each to exhaustion (a sampled SeqIO
+  mixture stops when its first member runs out), so every held-out row is
+  evaluated once; with_member adds the member task's name to each batch.
+  The last, partial batch of each member is padded by repeating its last row
+  so every batch has one shape (one compilation); n_real says how many rows
+  are real. max_batches caps the batches over all members together.
   """
   index, num_shards = partitioner.data_shard_info()
   local = batch_size // num_shards
+  pipeline.check_split(task, split)
 
   def make():
-    ds = pipeline.get_dataset(
-        task=task, split=split, feature_lengths=feature_lengths,
-        batch_size=local, shard_info=(index, num_shards), shuffle=False,
-        num_epochs=1, drop_remainder=False)
-    for i, batch in enumerate(ds.as_numpy_iterator()):
-      if max_batches is not None and i >= max_batches:
-        return
-      n = len(next(iter(batch.values())))
-      if n < local:
-        batch = {k: np.concatenate([v, np.repeat(v[-1:], local - n, 0)])
-                 for k, v in batch.items()}
-      yield batch, n
+    i = 0
+    for member in pipeline.member_tasks(task):
+      ds = pipeline.get_dataset(
+          task=member, split=split, feature_lengths=feature_lengths,
+          batch_size=local, shard_info=(index, num_shards), shuffle=False,
+          num_epochs=1, drop_remainder=False)
+      for batch in pipeline.numpy_iterator(ds):
+        if max_batches is not None and i >= max_batches:
+          return
+        i += 1
+        n = len(next(iter(batch.values())))
+        if n < local:
+          batch = {k: np.concatenate([v, np.repeat(v[-1:], local - n, 0)])
+                   for k, v in batch.items()}
+        yield (batch, n, member) if with_member else (batch, n)
 
   return make
 
@@ -91,18 +99,31 @@ def row_evaluate(
   Rows are concatenated across batches with the padding rows (beyond n_real)
   dropped, so metrics that are not means of sums (AUC, accuracy of a score
   comparison) are exact; `batch_keys` (e.g. labels) ride along from the batch.
+  When batches carry a member name (`eval_batches(with_member=True)`) and
+  there are several members, each member's metrics are added as
+  "{member}/{metric}" next to the combined ones.
   """
 
   def evaluate() -> dict[str, float]:
     outs: dict[str, list] = {}
-    for batch, n in batches():
+    members: list = []
+    for batch, n, *member in batches():
       out = dict(jax.device_get(step(batch)))
       out.update({k: batch[k] for k in batch_keys if k in batch})
       for k, v in out.items():
         outs.setdefault(k, []).append(np.asarray(v)[:n])
+      members.extend(member * n)
     if not outs:
       raise ValueError(f"{where} gave no batches.")
-    return metrics({k: np.concatenate(v) for k, v in outs.items()})
+    rows = {k: np.concatenate(v) for k, v in outs.items()}
+    values = metrics(dict(rows))
+    names = list(dict.fromkeys(members))
+    if len(names) > 1:
+      owner = np.asarray(members)
+      for name in names:
+        part = metrics({k: v[owner == name] for k, v in rows.items()})
+        values.update({f"{name}/{k}": v for k, v in part.items()})
+    return values
 
   return evaluate
 

@@ -217,7 +217,8 @@ def make_evaluate(rm: RewardModel, trainer: core.Trainer, *, task: str,
   """() -> held-out metrics over one pass of `split`."""
   batches = loop.eval_batches(task=task, feature_lengths=feature_lengths,
                               batch_size=batch_size, partitioner=partitioner,
-                              split=split, max_batches=max_batches)
+                              split=split, max_batches=max_batches,
+                              with_member=True)
   return loop.row_evaluate(
       trainer.jit_eval(rm.eval_outputs), batches, batch_keys=("label",),
       where=f"Eval split {split!r} of {task!r}",
