@@ -39,19 +39,47 @@ def test_fixture_counts_and_text(fixture_data):
                       "rejected": " I don't know."}
 
 
-def test_preference_batches_drop_and_count_bad_pairs(fixture_data):
+def test_preference_batches_keep_empty_count_and_drop_identical(fixture_data):
   batches = list(pipeline.get_batches(
       task="hh_rlhf_harmless_base_preference", split="test",
       feature_lengths={"prompt": 48, "response": 48}, batch_size=1))
-  assert len(batches) == 2
+  # The pair with an empty chosen reply is a real label: kept and counted.
+  assert len(batches) == 3
   counts = report.counts("hh_rlhf_harmless_base_preference/test")
   assert counts["identical_pairs"] == 1 and counts["empty_responses"] == 1
-  assert counts["examples"] == 2
+  assert counts["examples"] == 3
   vocab = pipeline.vocabulary("hh_rlhf_harmless_base_preference")
   first = batches[0]
   mask = first["rejected_response_mask"][0].astype(bool)
   assert vocab.decode(first["rejected_tokens"][0][mask].tolist()) == " I don't know."
   assert first["chosen_tokens"].shape == (1, 96)
+
+
+def test_dropping_empty_responses_is_an_option(fixture_data):
+  import gin
+
+  with gin.unlock_config():
+    gin.bind_parameter("tasks.common.QualityPolicy.drop_empty_responses", True)
+  try:
+    batches = list(pipeline.get_batches(
+        task="hh_rlhf_harmless_base_preference", split="test",
+        feature_lengths={"prompt": 48, "response": 48}, batch_size=1))
+  finally:
+    gin.clear_config()
+  assert len(batches) == 2
+  counts = report.counts("hh_rlhf_harmless_base_preference/test")
+  assert counts["empty_responses"] == 1 and counts["examples"] == 2
+
+
+def test_missing_eval_split_names_the_splits_that_exist(fixture_data):
+  with pytest.raises(ValueError) as error:
+    pipeline.get_dataset(task="hh_rlhf_harmless_base_preference",
+                         split="validation",
+                         feature_lengths={"prompt": 48, "response": 48})
+  assert str(error.value) == (
+      "'hh_rlhf_harmless_base_preference' has no split 'validation'; its "
+      "splits are ['train', 'test'] (set eval_split / the split to one of "
+      "them).")
 
 
 def test_malformed_line_names_file_and_line(monkeypatch, tmp_path):
