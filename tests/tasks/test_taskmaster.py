@@ -1,12 +1,17 @@
 """Taskmaster dialogs and reward sets, on fixtures in the upstream format."""
 import json
+import os
 
 import numpy as np
 import pytest
 
 from perl.data import paths, pipeline, readers, report
 from tasks import taskmaster
-from tests.tasks.fixture_data import fixture_data  # noqa: F401
+from tests.tasks.fixture_data import FIXTURES, fixture_data  # noqa: F401
+
+
+def fixture_data_dir():
+  return FIXTURES
 
 PROMPT_R1 = ("agent: Welcome to the Coffee Bar. What can I get for you?\n"
              "user: can i get an espresso please\nagent:")
@@ -51,9 +56,106 @@ def test_reward_set_pointwise_and_prompts(fixture_data):
 
 
 def test_splits_partition_conversations(fixture_data):
+  sizes = [len(list(taskmaster.reward_examples("taskmaster4", split)))
+           for split in ("train", "validation", "test")]
+  assert sum(sizes) == 3
+
+
+def _dialog_rows(num_dialogs: int, turns: int):
+  """Reward rows as released: every row its own conversation_id, each
+  dialog giving one row per agent turn, each context extending the last."""
+  rows = []
+  for d in range(num_dialogs):
+    context = []
+    for t in range(turns):
+      context = context + [{"role": "user", "text": f"dialog {d} asks {t}"}]
+      rows.append({"conversation_id": f"dlg-row-{d}-{t}",
+                   "context": json.dumps(context),
+                   "generation": json.dumps({"role": "agent",
+                                             "text": f"answer {d}.{t}"}),
+                   "reward": float(t % 2)})
+      context = context + [{"role": "agent", "text": f"answer {d}.{t}"}]
+  return rows
+
+
+def _write_reward_rows(tmp_path, rows, version="TM-4-2024"):
+  folder = tmp_path / "taskmaster" / version / "reward"
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / "reward_00.json").write_text(json.dumps(rows, indent=4))
+
+
+def _overlap(held_out, train):
+  """Held-out prompts equal to, or a prefix of, a train prompt; and
+  held-out prompt+response pairs found in train (exactly or as a prefix)."""
+  train_prompts = [e["prompt"] for e in train]
+  prompts = {e["prompt"] for e in held_out}
+  pairs = {e["prompt"] + e["response"] for e in held_out}
+  return (sum(any(t.startswith(p) for t in train_prompts) for p in prompts),
+          sum(any(t.startswith(p) for t in train_prompts)
+              or p in {e["prompt"] + e["response"] for e in train}
+              for p in pairs))
+
+
+def test_held_out_prompts_never_occur_in_train(monkeypatch, tmp_path):
+  # 60 dialogs x 4 turns: under a per-row conversation_id hash, rows of one
+  # dialog land in different splits, so held-out contexts continue in train.
+  _write_reward_rows(tmp_path, _dialog_rows(60, 4))
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path))
   train = list(taskmaster.reward_examples("taskmaster4", "train"))
-  validation = list(taskmaster.reward_examples("taskmaster4", "validation"))
-  assert len(train) + len(validation) == 3
+  held_out = [split for split in taskmaster.SPLITS
+              if split not in ("train", "all")]
+  total = len(train)
+  for split in held_out:
+    examples = list(taskmaster.reward_examples("taskmaster4", split))
+    total += len(examples)
+    assert examples, split  # the fixture is big enough to hold some out
+    assert _overlap(examples, train) == (0, 0), split
+    assert len(examples) % 4 == 0  # whole dialogs only
+  assert total == 240
+
+
+def test_exact_duplicates_are_removed_and_counted(monkeypatch, tmp_path):
+  rows = _dialog_rows(30, 2)
+  rows += [dict(r, conversation_id=r["conversation_id"] + "-again")
+           for r in rows[:6]]
+  _write_reward_rows(tmp_path, rows)
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path))
+  report.reset()
+  assert len(list(taskmaster.reward_examples("taskmaster4", "all"))) == 66
+  kept = sum(len(list(taskmaster.reward_examples("taskmaster4", split)))
+             for split in ("train", "validation", "test"))
+  assert kept == 60
+  removed = sum(report.counts(f"taskmaster4/reward/{split}").get(
+      "duplicate_rows", 0) for split in ("train", "validation", "test"))
+  assert removed == 6
+
+
+def test_group_rows_joins_prefixes_and_shared_ids():
+  a = ('{"t": 1}',)
+  ab = ('{"t": 1}', '{"t": 2}')
+  c = ('{"t": 3}',)
+  splits = taskmaster.group_rows([ab, c, a, (), c + ('{"t": 4}',)],
+                                 ["x", "y", "z", "w", "y"])
+  assert splits[0] == splits[2]  # a is a prefix of ab
+  assert splits[1] == splits[4]  # shared id (and prefix)
+  assert splits[3] == "train"  # the empty context is a prefix of all
+
+
+def test_tm3_official_dialog_splits_are_used(monkeypatch, tmp_path):
+  import shutil
+
+  shutil.copytree(os.path.join(fixture_data_dir(), "taskmaster"),
+                  tmp_path / "taskmaster")
+  splits = tmp_path / "taskmaster" / "TM-3-2020" / "splits"
+  for folder, ids in (("train", []), ("dev", ["dlg-fixture-tm3-0001"]),
+                      ("test", [])):
+    (splits / folder).mkdir(parents=True)
+    (splits / folder / f"{folder}-00.tsv").write_text(
+        "".join(f"<U>ctx\t[A]target\t{i}\n" for i in ids))
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path))
+  assert len(list(taskmaster.dialog_sft_examples("taskmaster3", "validation"))) == 4
+  assert not list(taskmaster.dialog_sft_examples("taskmaster3", "train"))
+  assert not list(taskmaster.dialog_sft_examples("taskmaster3", "test"))
 
 
 def test_pointwise_batches_through_the_pipeline(fixture_data):
