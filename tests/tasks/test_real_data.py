@@ -10,12 +10,47 @@ from tasks import hh_rlhf, taskmaster
 from tests.tasks.fixture_data import real_data
 
 
+def _task_rows(task: str, split: str) -> list:
+  """Rows a task emits after the quality checks (text, before tokenizing)."""
+  ds = pipeline.get_task(task).source.get_dataset(split=split, shuffle=False)
+  return list(pipeline.numpy_iterator(ds))
+
+
 @real_data
 def test_tm4_reward_set_counts():
   labels = collections.Counter(
       e["label"] for e in taskmaster.reward_examples("taskmaster4", "all"))
   assert labels == {1.0: 2775, 0.0: 453}
   assert len(list(taskmaster.reward_prompts("taskmaster4", "all"))) == 2254
+  # Through the task, nothing is dropped: every upstream row and label.
+  report.reset()
+  rows = _task_rows("taskmaster4_pointwise", "all")
+  assert collections.Counter(float(r["label"]) for r in rows) == {
+      1.0: 2775, 0.0: 453}
+  assert report.counts("taskmaster4_pointwise/all") == {"examples": 3228}
+
+
+@real_data
+def test_tm4_reward_splits_are_held_out():
+  from perl.data import inspect
+
+  report.reset()
+  sizes = {split: len(list(taskmaster.reward_examples("taskmaster4", split)))
+           for split in ("train", "validation", "test")}
+  duplicates = sum(report.counts(f"taskmaster4/reward/{split}").get(
+      "duplicate_rows", 0) for split in sizes)
+  assert sizes == {"train": 2740, "validation": 131, "test": 126}
+  assert sum(sizes.values()) + duplicates == 3228
+  leaks = inspect.leakage_report("taskmaster4_pointwise")
+  for (a, b), counts in leaks.items():
+    for key in ("prompt_in_train", "prompt_prefix_of_train_prompt",
+                "pair_in_train", "pair_prefix_of_train_prompt"):
+      assert counts[key] == 0, (a, b, key)
+  # The one train prompt that starts held-out prompts is the empty context.
+  train = {e["prompt"] for e in taskmaster.reward_examples("taskmaster4",
+                                                           "train")}
+  for e in taskmaster.reward_examples("taskmaster4", "validation"):
+    assert [t for t in train if e["prompt"].startswith(t)] == ["agent:"]
 
 
 @real_data
@@ -37,6 +72,15 @@ def test_hh_harmless_base_test_pairs():
   assert len(pairs) == 2312
   assert report.counts("hh_rlhf/harmless-base/test") == {"prompt_mismatch": 5}
   assert all(p["prompt"].endswith("\n\nAssistant:") for p in pairs)
+
+
+@real_data
+def test_hh_harmless_base_test_task_keeps_every_pair():
+  report.reset()
+  rows = _task_rows("hh_rlhf_harmless_base_preference", "test")
+  assert len(rows) == 2312
+  assert report.counts("hh_rlhf_harmless_base_preference/test") == {
+      "examples": 2312, "empty_responses": 4}
 
 
 @real_data
