@@ -42,3 +42,40 @@ def test_inspect_prints_counts_and_decoded_examples(monkeypatch, capsys):
   assert f"prompt: {first['prompt']!r}" in out
   assert f"response: {first['response']!r}" in out
   assert "label: 1.0" in out and "--- example 2" not in out
+
+
+def test_leakage_counts_exact_and_prefix_overlap():
+  train_prompts = ["a: hi\nb:", "a: hi\nb: yo\na: tea?\nb:", "c: x\nb:"]
+  train_pairs = [("c: x\nb:", " y")]
+  held_prompts = ["a: hi\nb:", "a: hi\nb: yo\na:", "c: x\nb: y\na: z\nb:",
+                  "d: new\nb:"]
+  held_pairs = [("c: x\nb:", " y"), ("a: hi\nb:", " yo"), ("d: new\nb:", " q")]
+  counts = inspect.leakage(train_prompts, train_pairs, held_prompts, held_pairs)
+  assert counts == {
+      "eval_prompts": 4, "prompt_in_train": 1,
+      "prompt_prefix_of_train_prompt": 2,  # "a: hi\nb:" and "a: hi\nb: yo\na:"
+      # "c: x\nb:" and "a: hi\nb:" start longer held-out prompts.
+      "train_prompt_prefix_of_prompt": 2,
+      "eval_pairs": 3, "pair_in_train": 1,
+      "pair_prefix_of_train_prompt": 1}  # "a: hi\nb: yo" continues in train
+
+
+def test_inspect_reports_zero_synthetic_leakage(monkeypatch, capsys):
+  from tasks import synthetic
+
+  small = synthetic.SyntheticConfig(num_train=2000, num_validation=300,
+                                    num_test=300)
+  monkeypatch.setattr(synthetic, "SyntheticConfig", lambda: small)
+  inspect.main(["--task=synthetic_preference", "--num_examples=0"])
+  out = capsys.readouterr().out
+  leak_lines = [line for line in out.splitlines() if line.startswith("leakage")]
+  assert [line.split(":")[0] for line in leak_lines] == [
+      "leakage validation in train", "leakage test in train",
+      "leakage test in validation"]
+  for line in leak_lines:
+    counts = eval(line.split(": ", 1)[1])  # a printed dict of ints
+    assert counts["eval_prompts"] > 100 and counts["eval_pairs"] > 300
+    assert {k: v for k, v in counts.items() if not k.startswith("eval_")} == {
+        "prompt_in_train": 0, "prompt_prefix_of_train_prompt": 0,
+        "train_prompt_prefix_of_prompt": 0, "pair_in_train": 0,
+        "pair_prefix_of_train_prompt": 0}, line
