@@ -146,7 +146,8 @@ def make_evaluate(model: HydraSftModel, trainer: core.Trainer, *, task: str,
   """() -> held-out pair accuracy, BT loss and response NLL over `split`."""
   batches = loop.eval_batches(task=task, feature_lengths=feature_lengths,
                               batch_size=batch_size, partitioner=partitioner,
-                              split=split, max_batches=max_batches)
+                              split=split, max_batches=max_batches,
+                              with_member=True)
   return loop.row_evaluate(
       trainer.jit_eval(model.eval_outputs), batches, metrics=model.eval_metrics,
       where=f"Eval split {split!r} of {task!r}")
