@@ -155,6 +155,11 @@ def tempered(logits: jax.Array, temperature: float) -> jax.Array:
   return logits.astype(jnp.float32) / temperature
 
 
+def _finite_or_one(x: jax.Array) -> jax.Array:
+  """A min / max over no tokens (±inf) reads as ratio 1."""
+  return jnp.where(jnp.isfinite(x), x, 1.0)
+
+
 class PolicyTrainer(core.Trainer):
   """core.Trainer whose step is a whole RL iteration (rollout + updates)."""
 
@@ -367,8 +372,8 @@ class PolicyTrainer(core.Trainer):
         "policy_loss": (loss_sum, count), "clip_fraction": (clipped, count),
         "approx_kl": ((0.5 * jnp.square(diff) * mask).sum(), count),
         "ratio_mean": ((ratio * mask).sum(), count),
-        "ratio_min": (jnp.where(live, ratio, jnp.inf).min() * count, count),
-        "ratio_max": (jnp.where(live, ratio, -jnp.inf).max() * count, count),
+        "ratio_min": (_finite_or_one(jnp.where(live, ratio, jnp.inf).min()) * count, count),
+        "ratio_max": (_finite_or_one(jnp.where(live, ratio, -jnp.inf).max()) * count, count),
     }
     if rl.kl_mode == "loss":
       kl_sum = (kl_lib.kl_estimate(logp, batch["anchor_logp"], rl.estimator) * mask).sum()
