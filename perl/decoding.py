@@ -3,8 +3,9 @@
 `generate` runs the prompt through the model once (prefill), then a
 `lax.while_loop` of single-token steps over a static-shape KV cache, stopping
 early once every row has emitted EOS. It returns the sampled tokens, their
-log-probabilities under the *untempered* policy (what RL's ratio and KL terms
-need) and a response mask. Prompts are left-padded so every row's last prompt
+log-probabilities under the distribution they were sampled from,
+softmax(logits / temperature) (the policy RL trains; untempered when greedy),
+and a response mask. Prompts are left-padded so every row's last prompt
 token sits in the last column; RoPE positions skip the padding.
 """
 
@@ -46,12 +47,18 @@ class SamplingConfig:
 class DecodeOutput:
   # [B, N] sampled tokens (pad_id after EOS).
   tokens: jax.Array
-  # [B, N] log π(token) under the untempered policy (0 where mask is 0).
+  # [B, N] log softmax(logits / scoring_temperature)[token] (0 where mask is 0):
+  # the tempered policy; top-k / top-p truncation is not applied to it.
   logprobs: jax.Array
   # [B, N] 1 on response tokens, EOS included; 0 after it.
   mask: jax.Array
   # [B] number of response tokens (EOS included).
   lengths: jax.Array
+
+
+def scoring_temperature(config: SamplingConfig) -> float:
+  """The temperature of the distribution the samples come from (1 when greedy)."""
+  return 1.0 if config.greedy else max(float(config.temperature), 1e-6)
 
 
 def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
@@ -127,7 +134,8 @@ def generate(
     i, logits, cache, done, pos, rng, tokens, logprobs, mask, state = carry
     rng, step_rng = jax.random.split(rng)
     token = _choose(logits, step_rng, config)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    scored = jax.nn.log_softmax(logits.astype(jnp.float32) / scoring_temperature(config))
+    logp = jnp.take_along_axis(scored, token[:, None], axis=-1)[:, 0]
     live = ~done
     token = jnp.where(live, token, config.pad_id)
     tokens = tokens.at[:, i].set(token)

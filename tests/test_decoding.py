@@ -96,9 +96,11 @@ def test_one_compilation_per_shape():
   assert len(traces) == 2
 
 
-def test_sampled_logprobs_are_untempered_policy_logprobs():
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_sampled_logprobs_are_of_the_tempered_policy(temperature):
   model = _model()
-  cfg = decoding.SamplingConfig(max_new_tokens=5, temperature=0.7, top_k=20, eos_id=None)
+  cfg = decoding.SamplingConfig(max_new_tokens=5, temperature=temperature, top_k=20,
+                                eos_id=None)
   out = decoding.make_generate_fn(nnx.graphdef(model), config=cfg, adapter="policy")(
       nnx.state(model), PROMPTS, MASK, jax.random.key(1))
   # Score prompt + response in one padded forward pass and compare.
@@ -108,7 +110,7 @@ def test_sampled_logprobs_are_untempered_policy_logprobs():
   logits, _ = jax.jit(lambda s, t, g, p: nnx.merge(nnx.graphdef(model), s)(
       t, segment_ids=g, positions=p, adapter="policy"))(nnx.state(model), tokens, segments, positions)
   p = PROMPTS.shape[1]
-  logp = jax.nn.log_softmax(logits[:, p - 1:-1])
+  logp = jax.nn.log_softmax(logits[:, p - 1:-1] / temperature)
   want = jnp.take_along_axis(logp, out.tokens[..., None], axis=-1)[..., 0]
   np.testing.assert_allclose(out.logprobs, want * out.mask, atol=1e-4)
 

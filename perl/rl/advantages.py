@@ -40,12 +40,25 @@ def rloo_baseline(scores: jax.Array, k: int) -> jax.Array:
   return baseline.reshape(-1)
 
 
-def group_normalized(scores: jax.Array, k: int, eps: float = 1e-6) -> jax.Array:
-  """GRPO: (score − mean of its group) / (std of its group + eps)."""
+def group_normalized(scores: jax.Array, k: int, eps: float = 1e-4) -> jax.Array:
+  """GRPO: (score − mean of its group) / (sample std of its group + eps).
+
+  The sample (k−1) std, as TRL's GRPOTrainer (torch.std) and the GRPO paper;
+  eps = 1e-4 as TRL keeps groups of equal scores at 0 instead of 0/0.
+  """
+  if k < 2:
+    raise ValueError(f"GRPO needs at least 2 samples per prompt, got k={k}.")
   grouped = scores.reshape(-1, k)
   mean = grouped.mean(axis=1, keepdims=True)
-  std = grouped.std(axis=1, keepdims=True)
+  std = grouped.std(axis=1, keepdims=True, ddof=1)
   return ((grouped - mean) / (std + eps)).reshape(-1)
+
+
+def zero_variance_fraction(scores: jax.Array, k: int, tol: float = 1e-6) -> jax.Array:
+  """Fraction of prompts whose k scores are all equal: no RLOO/GRPO signal."""
+  grouped = scores.reshape(-1, k)
+  spread = grouped.max(axis=1) - grouped.min(axis=1)
+  return (spread <= tol).astype(jnp.float32).mean()
 
 
 def gae(

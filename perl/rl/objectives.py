@@ -57,6 +57,17 @@ def value_loss(
   return 0.5 * (loss * mask).sum(), token_count(mask)
 
 
+def value_clip_count(
+    values: jax.Array, returns: jax.Array, mask: jax.Array, *,
+    old_values: jax.Array, clip: float,
+) -> jax.Array:
+  """Masked entries where the clipped value loss is the larger (the one used)."""
+  mask = mask.astype(values.dtype)
+  clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+  used = jnp.square(clipped - returns) > jnp.square(values - returns)
+  return jax.lax.stop_gradient((used.astype(values.dtype) * mask).sum())
+
+
 def entropy_from_logits(logits: jax.Array) -> jax.Array:
   """Per-position entropy of softmax(logits): [..., V] → [...]."""
   logp = jax.nn.log_softmax(logits)

@@ -286,6 +286,16 @@ class Trainer:
                                         global_batch, rng)
     return metrics
 
+  # -- host state saved with checkpoints (loop.fit) ---------------------------
+
+  def checkpoint_extra(self) -> dict[str, Any]:
+    """JSON-able host state beyond the train state that a resume needs."""
+    return {}
+
+  def restore_extra(self, extra: Mapping[str, Any]) -> None:
+    """Restores what checkpoint_extra() saved."""
+    del extra
+
   # -- views ------------------------------------------------------------------
 
   @property

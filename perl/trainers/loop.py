@@ -179,6 +179,7 @@ def fit(
   consumed = 0
   if checkpoint.resume and manager.latest_step() is not None:
     trainer.state, extra = manager.restore(trainer.state)
+    trainer.restore_extra(extra)
     consumed = int(extra.get("consumed_batches", trainer.step))
     logging.info("Resumed from %s at step %d", model_dir, trainer.step)
     print(f"resumed from {model_dir} at step {trainer.step}", flush=True)
@@ -199,7 +200,8 @@ def fit(
         f"{k} {v:.4f}" for k, v in values.items()), flush=True)
     if best_metric:
       manager.save_best(step, trainer.state, values,
-                        extra={"consumed_batches": consumed})
+                        extra={"consumed_batches": consumed,
+                            **trainer.checkpoint_extra()})
     last_eval_step = step
 
   try:
@@ -225,7 +227,8 @@ def fit(
       stopping = stop_at_step is not None and step >= stop_at_step
       if step % checkpoint.save_every == 0 or step == train_steps or stopping:
         manager.save(step, trainer.state,
-                     extra={"consumed_batches": consumed})
+                     extra={"consumed_batches": consumed,
+                            **trainer.checkpoint_extra()})
       if stopping and step < train_steps:
         summary["step"] = step
         return summary

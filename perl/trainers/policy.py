@@ -14,11 +14,23 @@ One RL step:
 `PolicyTrainer` is a `core.Trainer` whose train_step runs the whole step, so
 `loop.fit` gives RL the same checkpoints, exact resume, eval and metrics as
 the reward model and SFT.
+
+The policy that is trained is the one that is sampled: every log-prob (the
+rollout's, the update's, the anchor's, hence the KL and the entropy) is of
+softmax(logits / temperature), as in TRL, verl and OpenRLHF. Without that,
+E over tempered samples of ∇log π_untempered is not 0, so a constant
+baseline shifts the gradient, and the logged "KL" is not KL(π‖π_anchor).
+top-k / top-p truncation is *not* part of the trained distribution: the
+truncated support moves with the parameters (its log-probs are −inf
+outside it, for the anchor as much as the policy), so the KL would be
+infinite; with them on, samples come from a slightly narrower distribution
+than the one scored, as in TRL and OpenRLHF.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Literal, Mapping
 
@@ -32,7 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from perl import decoding, partitioning
 from perl.models import lora as lora_lib
-from perl.models.hydra import POLICY, VALUE, HydraModule, sequence_positions
+from perl.models.hydra import POLICY, REWARD, VALUE, HydraModule, sequence_positions
 from perl.models.heads import RewardModule
 from perl.rl import advantages as adv_lib
 from perl.rl import kl as kl_lib
@@ -53,8 +65,10 @@ class RLConfig:
   samples_per_prompt: int = 1
   # KL coefficient β: fixed (PERL: 0.05) or adaptive towards a target KL.
   kl: kl_lib.KLControllerConfig = kl_lib.KLControllerConfig()
-  # Per-token KL(π‖π_anchor) estimator: "k1", "k2" or "k3".
-  kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+  # Per-token KL(π‖π_anchor) estimator (perl.rl.kl): "k1", "k2", "k3" or "k3+";
+  # None: "k1" in the reward, "k3+" in the loss (where k1 and k3 are refused:
+  # their gradients are 0 and ∇KL(π_anchor‖π)).
+  kl_estimator: Literal["k1", "k2", "k3", "k3+"] | None = None
   # "reward": −β·KL is part of the return; "loss": β·KL is added to the loss.
   kl_mode: Literal["reward", "loss"] = "reward"
   # PERL's objective (1−β)·r − β·KL; False gives r − β·KL.
@@ -71,14 +85,25 @@ class RLConfig:
   value_clip: float | None = 0.2
   # PPO: passes over each rollout batch.
   ppo_epochs: int = 2
+  # PPO: stop this rollout's remaining updates once a minibatch's approx_kl
+  # (mean ½(log π − log π_old)²) exceeds it (None: off).
+  target_kl: float | None = None
   # PPO: minibatches per pass.
   num_minibatches: int = 1
   # GAE discount (PPO).
   gamma: float = 1.0
   # GAE λ (PPO).
   lam: float = 0.95
-  # Added to the reward of responses that end without EOS (None: off).
+  # Subtracted from the score of responses that end without EOS, as TRL does
+  # (a positive number penalises truncation; None: off).
   missing_eos_penalty: float | None = None
+  # First RL steps in which only the value model learns (policy frozen), so the
+  # baseline is fitted before the policy moves (OpenRLHF freezing_actor_steps).
+  critic_warmup_steps: int = 0
+  # Start the value head (and the value adapter, when its rank and targets
+  # match) from the reward model's on the shared backbone: V starts near the
+  # score instead of at random (the reward head is read at the last token).
+  value_from_reward: bool = True
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:
@@ -87,6 +112,22 @@ class RLConfig:
       raise ValueError(
           f"{self.algorithm} compares samples of the same prompt: set "
           f"RLConfig.samples_per_prompt >= 2 (got {self.samples_per_prompt}).")
+    if self.kl_estimator is not None and self.kl_estimator not in kl_lib.ESTIMATORS:
+      raise ValueError(f"RLConfig.kl_estimator={self.kl_estimator!r}: choose one "
+                       f"of {kl_lib.ESTIMATORS}.")
+    if self.kl_mode == "loss":
+      kl_lib.check_loss_estimator(self.estimator)
+    if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+      raise ValueError(
+          f"RLConfig.missing_eos_penalty={self.missing_eos_penalty}: it is "
+          "subtracted from the score of truncated responses (TRL's sign), so a "
+          f"negative value rewards truncation. Use {-self.missing_eos_penalty}.")
+
+  @property
+  def estimator(self) -> str:
+    if self.kl_estimator is not None:
+      return self.kl_estimator
+    return "k3+" if self.kl_mode == "loss" else "k1"
 
   @property
   def uses_value(self) -> bool:
@@ -109,6 +150,16 @@ def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def tempered(logits: jax.Array, temperature: float) -> jax.Array:
+  """The logits of the sampled distribution softmax(logits / T), in float32."""
+  return logits.astype(jnp.float32) / temperature
+
+
+def _finite_or_one(x: jax.Array) -> jax.Array:
+  """A min / max over no tokens (±inf) reads as ratio 1."""
+  return jnp.where(jnp.isfinite(x), x, 1.0)
+
+
 class PolicyTrainer(core.Trainer):
   """core.Trainer whose step is a whole RL iteration (rollout + updates)."""
 
@@ -126,7 +177,10 @@ class PolicyTrainer(core.Trainer):
                        "HydraModule with a reward adapter.")
     self.rl = rl
     self.sampling = sampling
+    # The temperature of the distribution that is sampled and trained.
+    self.temperature = decoding.scoring_temperature(sampling)
     self.kl_controller = kl_lib.KLController(rl.kl)
+    self._rl_step = 0  # RL iterations done (PPO's early stop varies the updates)
     super().__init__(
         model=module, trainable=trainable_filter(), loss_fn=self._loss_fn,
         optimizer=optimizer, total_steps=total_steps * rl.updates_per_rollout,
@@ -142,7 +196,17 @@ class PolicyTrainer(core.Trainer):
 
   @property
   def step(self) -> int:
-    return int(self.state.step) // self.rl.updates_per_rollout
+    return self._rl_step
+
+  def checkpoint_extra(self) -> dict[str, Any]:
+    """Host state beyond the train state that a resume needs (loop.fit)."""
+    return {"rl_step": self._rl_step, "kl_controller": self.kl_controller.state_dict()}
+
+  def restore_extra(self, extra: Mapping[str, Any]) -> None:
+    self._rl_step = int(extra.get("rl_step",
+                                  int(self.state.step) // self.rl.updates_per_rollout))
+    if "kl_controller" in extra:
+      self.kl_controller.load_state_dict(extra["kl_controller"])
 
   # -- jitted pieces of the rollout ------------------------------------------
 
@@ -185,19 +249,26 @@ class PolicyTrainer(core.Trainer):
                   bs, bs)
     return f(self.reward_state, tokens, segment_ids)
 
-  def logprobs(self, tokens, segment_ids, prompt_length: int):
-    """Policy and anchor log-probs, entropy and values of the response tokens."""
+  def logprobs(self, tokens, segment_ids, prompt_length: int, *,
+               temperature: float | None = None):
+    """Policy and anchor log-probs, entropy and values of the response tokens.
+
+    All of softmax(logits / temperature): the trained sampling temperature
+    unless another is given (an eval that samples at its own).
+    """
     bs = self.partitioner.batch_sharding()
     uses_value = self.rl.uses_value
+    temp = self.temperature if temperature is None else temperature
 
     def fn(params, frozen, tokens, seg):
       model = self._merge(params, frozen)
       pos = sequence_positions(seg)
       targets = tokens[:, prompt_length:]
       fwd = dict(positions=pos, segment_ids=seg, prompt_length=prompt_length)
-      predicting = model.response_logits(tokens, adapter=POLICY, **fwd)
+      predicting = tempered(model.response_logits(tokens, adapter=POLICY, **fwd), temp)
       policy_logp = token_logprobs(predicting, targets)
-      anchor_logp = token_logprobs(model.response_logits(tokens, adapter=None, **fwd), targets)
+      anchor_logp = token_logprobs(
+          tempered(model.response_logits(tokens, adapter=None, **fwd), temp), targets)
       out = {"policy_logp": policy_logp, "anchor_logp": anchor_logp,
              "entropy": objectives.entropy_from_logits(predicting)}
       if uses_value:
@@ -205,7 +276,7 @@ class PolicyTrainer(core.Trainer):
         out["values"] = values[:, prompt_length - 1:-1]
       return out
 
-    f = self._jit(("logprobs", prompt_length), fn, self.params_shardings,
+    f = self._jit(("logprobs", prompt_length, temp), fn, self.params_shardings,
                   self.frozen_shardings, bs, bs)
     return f(self.state.params, self.frozen, tokens, segment_ids)
 
@@ -215,9 +286,11 @@ class PolicyTrainer(core.Trainer):
     rl = self.rl
     mask = mask.astype(jnp.float32)
     if rl.missing_eos_penalty is not None:
-      scores = scores + jnp.where(done, 0.0, rl.missing_eos_penalty)
-    kl_tok = kl_lib.kl_estimate(lp["policy_logp"], lp["anchor_logp"], rl.kl_estimator) * mask
+      scores = scores - jnp.where(done, 0.0, rl.missing_eos_penalty)
+    kl_tok = kl_lib.kl_estimate(lp["policy_logp"], lp["anchor_logp"], rl.estimator) * mask
     seq_kl = kl_tok.sum(axis=1)
+    # The true per-sequence KL estimate for logging, whatever the estimator.
+    seq_kl_k1 = ((lp["policy_logp"] - lp["anchor_logp"]) * mask).sum(axis=1)
     scale = (1.0 - beta) if rl.scale_reward_by_one_minus_beta else 1.0
     in_reward = rl.kl_mode == "reward"
     seq_return = scale * scores - (beta * seq_kl if in_reward else 0.0)
@@ -246,12 +319,19 @@ class PolicyTrainer(core.Trainer):
       advantages = adv_lib.masked_whiten(advantages, mask)
     stats = {
         "reward_mean": scores.mean(), "reward_std": scores.std(),
-        "kl": seq_kl.mean(), "return_mean": seq_return.mean(),
+        "kl": seq_kl_k1.mean(), "kl_estimate": seq_kl.mean(),
+        # TRL's objective/rlhf_reward: the score net of the KL penalty.
+        "objective": (scores - beta * seq_kl_k1).mean(),
+        "return_mean": seq_return.mean(),
         "advantage_mean": adv_lib.masked_mean(advantages, mask),
         "advantage_std": jnp.sqrt(adv_lib.masked_mean(jnp.square(advantages), mask)),
         "response_length": mask.sum(axis=1).mean(),
+        "eos_rate": done.astype(jnp.float32).mean(),
+        "truncation_rate": 1.0 - done.astype(jnp.float32).mean(),
         "entropy": adv_lib.masked_mean(lp["entropy"], mask),
     }
+    if k > 1:
+      stats["zero_variance_groups"] = adv_lib.zero_variance_fraction(seq_return, k)
     if rl.uses_value:
       stats["explained_variance"] = objectives.explained_variance(
           old_values, value_targets, value_mask)
@@ -268,12 +348,14 @@ class PolicyTrainer(core.Trainer):
     prompt_length = tokens.shape[1] - batch["response_mask"].shape[1]
     pos = sequence_positions(seg)
     mask = batch["response_mask"].astype(jnp.float32)
+    # 0 while the critic warms up: the policy terms give no gradient.
+    policy_weight = batch["policy_weight"][0]
     policy_rng = value_rng = None
     if rng is not None:
       policy_rng, value_rng = jax.random.split(rng)
-    predicting = model.response_logits(
+    predicting = tempered(model.response_logits(
         tokens, positions=pos, segment_ids=seg, prompt_length=prompt_length,
-        adapter=POLICY, dropout_rng=policy_rng)
+        adapter=POLICY, dropout_rng=policy_rng), self.temperature)
     logp = token_logprobs(predicting, tokens[:, prompt_length:])
     if rl.algorithm == "ppo":
       loss_sum, count, clipped = objectives.ppo_policy_loss(
@@ -281,24 +363,40 @@ class PolicyTrainer(core.Trainer):
     else:
       loss_sum, count = objectives.policy_gradient_loss(logp, batch["advantages"], mask)
       clipped = jnp.zeros(())
-    metrics = {"policy_loss": (loss_sum, count), "clip_fraction": (clipped, count)}
+    diff = jax.lax.stop_gradient(logp - batch["old_logp"])
+    ratio = jnp.exp(diff)
+    live = mask > 0
+    # Whole-batch min / max as (value·count, count) pairs: exact, since the
+    # policy step never splits into micro-batches (grad_accum_steps=1).
+    metrics = {
+        "policy_loss": (loss_sum, count), "clip_fraction": (clipped, count),
+        "approx_kl": ((0.5 * jnp.square(diff) * mask).sum(), count),
+        "ratio_mean": ((ratio * mask).sum(), count),
+        "ratio_min": (_finite_or_one(jnp.where(live, ratio, jnp.inf).min()) * count, count),
+        "ratio_max": (_finite_or_one(jnp.where(live, ratio, -jnp.inf).max()) * count, count),
+    }
     if rl.kl_mode == "loss":
-      kl_sum = (kl_lib.kl_estimate(logp, batch["anchor_logp"], rl.kl_estimator) * mask).sum()
+      kl_sum = (kl_lib.kl_estimate(logp, batch["anchor_logp"], rl.estimator) * mask).sum()
       loss_sum = loss_sum + batch["beta"][0] * kl_sum
       metrics["kl_loss"] = (kl_sum, count)
     if rl.entropy_coef:
       ent_sum = (objectives.entropy_from_logits(predicting) * mask).sum()
       loss_sum = loss_sum - rl.entropy_coef * ent_sum
+    loss_sum = policy_weight * loss_sum
     if rl.uses_value:
       values = model.values(tokens, positions=pos, segment_ids=seg,
                             dropout_rng=value_rng)[:, prompt_length - 1:-1]
+      clip = rl.value_clip if rl.algorithm == "ppo" else None
       v_sum, v_count = objectives.value_loss(
           values, batch["value_targets"], batch["value_mask"],
-          old_values=batch["old_values"],
-          clip=rl.value_clip if rl.algorithm == "ppo" else None)
+          old_values=batch["old_values"], clip=clip)
       # Weighted per token so the (sum, denominator) total stays one mean.
       loss_sum = loss_sum + rl.value_coef * v_sum * count / jnp.maximum(v_count, 1.0)
       metrics["value_loss"] = (v_sum, v_count)
+      if clip is not None:
+        metrics["value_clip_fraction"] = (objectives.value_clip_count(
+            values, batch["value_targets"], batch["value_mask"],
+            old_values=batch["old_values"], clip=clip), v_count)
     return loss_sum, count, metrics
 
   # -- one RL iteration -------------------------------------------------------
@@ -360,8 +458,12 @@ class PolicyTrainer(core.Trainer):
       ends_with_eos = jnp.any((out.tokens == self.sampling.eos_id) & (out.mask > 0), axis=1)
       done = done | ends_with_eos
     update, stats = self._advantages_fn(scores, lp, out.mask, done, jnp.float32(beta))
+    warming_up = self.step < rl.critic_warmup_steps
+    rows_global = tokens.shape[0]
     update.update(tokens=tokens, segment_ids=seg, response_mask=out.mask,
-                  beta=jnp.full((tokens.shape[0],), beta, jnp.float32))
+                  beta=jnp.full((rows_global,), beta, jnp.float32),
+                  policy_weight=jnp.full((rows_global,), 0.0 if warming_up else 1.0,
+                                         jnp.float32))
     local = self._to_local(update)
 
     t = time.perf_counter()
@@ -369,22 +471,83 @@ class PolicyTrainer(core.Trainer):
     n_mb = rl.num_minibatches if rl.algorithm == "ppo" else 1
     if rows % n_mb:
       raise ValueError(f"{rows} rollout rows do not split into {n_mb} minibatches.")
-    metrics: dict[str, Any] = {}
+    updates = []
     order = np.arange(rows)
+    stop = False
     for epoch in range(rl.updates_per_rollout // n_mb):
       if epoch:
         order = np.random.default_rng([self.step, epoch]).permutation(rows)
       for chunk in np.split(order, n_mb):
-        metrics = super().train_step({key: v[chunk] for key, v in local.items()}, rng)
-    metrics = jax.device_get(metrics)
+        updates.append(jax.device_get(
+            super().train_step({key: v[chunk] for key, v in local.items()}, rng)))
+        # approx_kl is a global mean (the step's metrics are replicated), so
+        # every host stops after the same update.
+        if (rl.target_kl is not None and not warming_up
+            and float(updates[-1]["approx_kl"]) > rl.target_kl):
+          stop = True
+          break
+      if stop:
+        break
+    metrics = average_update_metrics(updates)
+    metrics["num_updates"] = float(len(updates))
     timings["time_update"] = time.perf_counter() - t
 
     stats = jax.device_get(stats)
-    self.kl_controller.update(float(stats["kl"]), rows)
+    self.kl_controller.update(float(stats["kl"]), rows_global)
+    self._rl_step += 1
     metrics.update({key: float(v) for key, v in stats.items()})
     metrics.update(timings)
     metrics["kl_coef"] = beta
+    metrics["critic_warmup"] = float(warming_up)
     return metrics
+
+
+def average_update_metrics(updates: list[Mapping[str, Any]]) -> dict[str, float]:
+  """One step's metrics from its optimizer updates: means, ratio min / max."""
+  out = {}
+  for key in updates[0]:
+    values = [float(u[key]) for u in updates]
+    if key == "ratio_min":
+      out[key] = min(values)
+    elif key == "ratio_max":
+      out[key] = max(values)
+    else:
+      out[key] = float(np.mean(values))
+  return out
+
+
+def _copy_matching(src: nnx.State, dst: nnx.State, rename: Callable[[str], str]) -> bool:
+  """dst[path] = src[rename(path)] when every path is there with the same shape."""
+  by_path = {tuple(rename(str(k)) for k in path): var
+             for path, var in nnx.to_flat_state(src)}
+  pairs = [(var, by_path.get(tuple(str(k) for k in path)))
+           for path, var in nnx.to_flat_state(dst)]
+  if not pairs or any(s is None or s[...].shape != d[...].shape for d, s in pairs):
+    return False
+  for d, s in pairs:
+    d[...] = s[...]
+  return True
+
+
+def init_value_from_reward(module: HydraModule) -> list[str]:
+  """Copies the reward head (and adapter, where shapes match) into the value model.
+
+  Returns the copied parts. The value head reads every position and the reward
+  head the last one, so V starts as the reward model's score of each prefix:
+  a baseline on the score's scale from the first step instead of a random one.
+  """
+  copied = []
+  if module.value_head is None or module.reward_head is None:
+    return copied
+  if _copy_matching(nnx.state(module.reward_head), nnx.state(module.value_head),
+                    lambda k: k):
+    copied.append("head")
+  if module.value_adapter is not None and _copy_matching(
+      nnx.state(module, lora_lib.adapter_filter(REWARD)),
+      nnx.state(module, lora_lib.adapter_filter(VALUE)),
+      lambda k: k.replace(REWARD, VALUE)):
+    copied.append("adapter")
+  return copied
 
 
 # The gin entry point
@@ -405,7 +568,6 @@ def load_reward_adapter(reward_checkpoint: str, module: HydraModule,
   base (BASE_CHECKPOINT = REWARD_CHECKPOINT); the head of its last step is
   loaded and the reward adapter stays zero, so it scores with that base.
   """
-  import os  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   from perl import checkpoints  # pylint: disable=g-import-not-at-top
 
@@ -531,6 +693,10 @@ def train(
   if shared:
     source = load_reward_adapter(reward_checkpoint, module, base_checkpoint)
     print(f"reward model: adapter + head from {source} on the shared backbone", flush=True)
+    if rl.uses_value and rl.value_from_reward:
+      copied = init_value_from_reward(module)
+      if copied:
+        print(f"value model: {' and '.join(copied)} from the reward model", flush=True)
   else:
     reward_module = partitioner.create_sharded_model(
         lambda: RewardModule(reward_model_config, rngs=nnx.Rngs(seed)))
@@ -546,7 +712,8 @@ def train(
           task=mixture_or_task_name, feature_lengths=task_feature_lengths,
           batch_size=eval_batch_size or batch_size, partitioner=partitioner,
           split=eval_split, max_batches=eval_max_batches),
-      sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth)
+      sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth,
+      samples_dir=os.path.join(model_dir, policy_eval.SAMPLES_DIR))
 
   return loop.fit(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,

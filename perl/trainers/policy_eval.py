@@ -4,15 +4,24 @@ On held-out prompts, the policy (policy adapter) and the SFT policy (the
 anchor: no adapter) each sample one response per prompt. Reported:
   reward_model_score / reward_model_score_sft   mean learned reward
   win_rate        P(RM prefers the policy's response over the SFT one), ties ½
-  kl              mean Σ_t log π − log π_anchor over the policy's samples
+  kl              mean Σ_t log π − log π_anchor over the policy's samples, both
+                  at the eval's sampling temperature (the distribution sampled)
   ground_truth_reward / ground_truth_reward_sft   the task's programmatic
                   truth (e.g. the synthetic task's), when one is given
+  eos_rate        fraction of policy responses that ended with EOS
   response_length
+and, with samples_dir, the first few prompts with both responses and their
+scores as <samples_dir>/<step>.jsonl, to read what the numbers mean.
+
+This module needs only the trainer's sample / score / logprobs methods (the
+`Policy` protocol), not perl.trainers.policy: policy.py imports it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import json
+import os
+from typing import Any, Callable, Iterator, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +29,25 @@ import numpy as np
 import seqio
 
 from perl import decoding
-from perl.trainers.policy import POLICY, PolicyTrainer
+from perl.models.hydra import POLICY
 
 TruthFn = Callable[[str, str], float]
+# Sub-directory of MODEL_DIR for the decoded samples of each eval.
+SAMPLES_DIR = "eval_samples"
+
+
+class Policy(Protocol):
+  """What the eval uses of perl.trainers.policy.PolicyTrainer."""
+
+  partitioner: Any
+  step: int
+
+  def sample(self, prompts, mask, rng, *, config=None, adapter=POLICY): ...
+
+  def score(self, tokens, segment_ids): ...
+
+  def logprobs(self, tokens, segment_ids, prompt_length: int, *,
+               temperature: float | None = None): ...
 
 
 def decode_rows(vocab: seqio.Vocabulary, tokens: np.ndarray, mask: np.ndarray,
@@ -38,15 +63,18 @@ def decode_rows(vocab: seqio.Vocabulary, tokens: np.ndarray, mask: np.ndarray,
 
 
 def make_evaluate(
-    trainer: PolicyTrainer, *, prompt_batches: Callable[[], Iterator[tuple[dict, int]]],
+    trainer: Policy, *, prompt_batches: Callable[[], Iterator[tuple[dict, int]]],
     sampling: decoding.SamplingConfig, vocabulary: seqio.Vocabulary,
     ground_truth: TruthFn | None = None, seed: int = 1234,
+    samples_dir: str | None = None, num_samples: int = 4,
 ) -> Callable[[], dict[str, float]]:
   """() -> metrics over one pass of the held-out prompts."""
+  temperature = decoding.scoring_temperature(sampling)
 
   def evaluate() -> dict[str, float]:
     sums: dict[str, float] = {}
     count = 0
+    samples: list[dict[str, Any]] = []
     for i, (batch, n) in enumerate(prompt_batches()):
       rng = jax.random.fold_in(jax.random.key(seed), i)
       shard = trainer.partitioner.shard_batch(
@@ -60,30 +88,50 @@ def make_evaluate(
         results[name] = (out, np.asarray(trainer.score(tokens, seg))[:n], tokens, seg)
       out, score, tokens, seg = results["policy"]
       _, score_sft, _, _ = results["sft"]
-      lp = trainer.logprobs(tokens, seg, prompt_length)
+      lp = trainer.logprobs(tokens, seg, prompt_length, temperature=temperature)
       mask = np.asarray(out.mask)[:n]
       kl = ((np.asarray(lp["policy_logp"]) - np.asarray(lp["anchor_logp"]))[:n] * mask).sum(1)
+      ended = mask.sum(1) < mask.shape[1]
+      if sampling.eos_id is not None:
+        ended |= ((np.asarray(out.tokens)[:n] == sampling.eos_id) & (mask > 0)).any(1)
       part = {
           "reward_model_score": score.sum(),
           "reward_model_score_sft": score_sft.sum(),
           "win_rate": ((score > score_sft) + 0.5 * (score == score_sft)).sum(),
           "kl": kl.sum(),
+          "eos_rate": ended.sum(),
           "response_length": mask.sum(),
       }
-      if ground_truth is not None:
+      need_text = ground_truth is not None or len(samples) < num_samples
+      if need_text:
         prompts = decode_rows(vocabulary, batch["prompt_tokens"][:n],
                               batch["prompt_mask"][:n], None)
-        for name in ("policy", "sft"):
-          o = results[name][0]
-          texts = decode_rows(vocabulary, np.asarray(o.tokens)[:n],
-                              np.asarray(o.mask)[:n], sampling.eos_id)
-          key = "ground_truth_reward" + ("" if name == "policy" else "_sft")
-          part[key] = sum(ground_truth(p, r) for p, r in zip(prompts, texts))
+        texts = {name: decode_rows(vocabulary, np.asarray(results[name][0].tokens)[:n],
+                                   np.asarray(results[name][0].mask)[:n], sampling.eos_id)
+                 for name in ("policy", "sft")}
+      if ground_truth is not None:
+        truth = {name: [ground_truth(p, r) for p, r in zip(prompts, texts[name])]
+                 for name in texts}
+        part["ground_truth_reward"] = sum(truth["policy"])
+        part["ground_truth_reward_sft"] = sum(truth["sft"])
+      for j in range(min(n, num_samples - len(samples))):
+        row = {"prompt": prompts[j], "policy": texts["policy"][j], "sft": texts["sft"][j],
+               "reward_model_score": float(score[j]),
+               "reward_model_score_sft": float(score_sft[j]), "kl": float(kl[j])}
+        if ground_truth is not None:
+          row.update(ground_truth_reward=truth["policy"][j],
+                     ground_truth_reward_sft=truth["sft"][j])
+        samples.append(row)
       for key, v in part.items():
         sums[key] = sums.get(key, 0.0) + float(v)
       count += n
     if not count:
       raise ValueError("The held-out prompt split gave no batches.")
+    if samples_dir and samples and jax.process_index() == 0:
+      os.makedirs(samples_dir, exist_ok=True)
+      with open(os.path.join(samples_dir, f"{trainer.step}.jsonl"), "w") as f:
+        for row in samples:
+          f.write(json.dumps(row) + "\n")
     return {key: v / count for key, v in sums.items()}
 
   return evaluate

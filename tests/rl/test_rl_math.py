@@ -24,7 +24,7 @@ def test_kl_estimators_match_the_true_kl_in_expectation():
   assert float(k2.min()) >= 0 and float(k3.min()) >= 0
   assert float(k1.min()) < 0  # k1 is unbiased but not non-negative
   assert float(k3.std()) < float(k1.std())  # the reason k3 exists
-  with pytest.raises(ValueError, match="k1, k2 or k3"):
+  with pytest.raises(ValueError, match="'k1', 'k2', 'k3', 'k3\+'"):
     kl.kl_estimate(logp, logq, "k4")
 
 
@@ -32,6 +32,14 @@ def test_estimators_are_zero_when_policies_agree():
   x = jnp.array([-1.0, -2.0, -0.1])
   for name in ("k1", "k2", "k3"):
     np.testing.assert_allclose(kl.kl_estimate(x, x, name), 0.0, atol=1e-7)
+
+
+def test_kl_controller_state_round_trips():
+  ctl = kl.KLController(kl.KLControllerConfig(init_coef=0.1, target=1.0, horizon=100))
+  ctl.update(5.0, 64)
+  fresh = kl.KLController(kl.KLControllerConfig(init_coef=0.1, target=1.0, horizon=100))
+  fresh.load_state_dict(ctl.state_dict())
+  assert fresh.value == ctl.value != 0.1
 
 
 def test_adaptive_kl_controller_moves_towards_target():
@@ -90,6 +98,9 @@ def test_rloo_and_group_normalised_advantages():
   np.testing.assert_allclose(g[:3].mean(), 0.0, atol=1e-6)
   np.testing.assert_allclose(g[3:], 0.0)  # all equal → no signal
   assert float(g[0]) > 0 > float(g[1])
+  # Sample (k−1) std as TRL: group [1, 0, 0] has std sqrt(1/3), mean 1/3.
+  np.testing.assert_allclose(g[0], (2 / 3) / (np.sqrt(1 / 3) + 1e-4), rtol=1e-5)
+  np.testing.assert_allclose(adv.zero_variance_fraction(scores, 3), 0.5)
   with pytest.raises(ValueError, match="at least 2"):
     adv.rloo_baseline(scores, 1)
 

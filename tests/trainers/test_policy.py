@@ -1,5 +1,7 @@
 """LoRA policy RL on the Hydra backbone: the reward goes up, one compile, one base."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from perl.models.heads import RewardModule
 from perl.models.hydra import HydraModule
 from perl.models.transformer import Transformer
 from perl.rl import kl as kl_lib
+from perl.rl import objectives
 from perl.trainers import core, policy
 
 CFG = model_config.tiny(vocab_size=32, embed_dim=32, num_heads=2, num_kv_heads=1,
@@ -151,9 +154,146 @@ def test_config_validation():
 
 def test_kl_in_loss_mode_and_adaptive_coefficient():
   rl = policy.RLConfig(algorithm="grpo", samples_per_prompt=2, kl_mode="loss",
-                       kl_estimator="k3",
                        kl=kl_lib.KLControllerConfig(init_coef=0.1, target=0.01, horizon=10))
+  assert rl.estimator == "k3+"
   trainer = _trainer(rl, steps=3)
   coefs = [trainer.train_step(PROMPTS, jax.random.key(i))["kl_coef"] for i in range(3)]
   assert coefs[0] == pytest.approx(0.1)
-  assert "kl_loss" in trainer.train_step(PROMPTS, jax.random.key(5))
+  # 16 rollouts (8 prompts x 2) per step, the global count, over horizon 10.
+  extra = trainer.checkpoint_extra()
+  assert extra["rl_step"] == 3 and extra["kl_controller"]["value"] != coefs[-1]
+  m = trainer.train_step(PROMPTS, jax.random.key(5))
+  assert "kl_loss" in m and np.isfinite(m["kl_loss"])
+
+
+# -- one policy distribution: the tempered one ----------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_rollout_and_update_logprobs_are_those_of_the_sampled_distribution(temperature):
+  sampling = decoding.SamplingConfig(max_new_tokens=4, temperature=temperature, eos_id=None)
+  p = partitioning.Partitioner("data=-1")
+  with p:
+    trainer = policy.PolicyTrainer(
+        module=_hydra(p), rl=policy.RLConfig(algorithm="ppo"), sampling=sampling,
+        partitioner=p, total_steps=2, optimizer=core.OptimizerConfig(learning_rate=1e-2))
+  # A policy adapter away from zero so the policy and the anchor differ.
+  for path, b in nnx.to_flat_state(trainer.state.params):
+    if "lora_b" in str(path) and "policy" in str(path):
+      b[...] = 0.3 * jax.random.normal(jax.random.key(3), b[...].shape)
+  shard = p.shard_batch({"p": PROMPTS["prompt_tokens"], "m": PROMPTS["prompt_mask"]})
+  out = trainer.sample(shard["p"], shard["m"], jax.random.key(0))
+  tokens = jnp.concatenate([shard["p"], out.tokens], axis=1)
+  seg = jnp.concatenate([shard["m"], out.mask], axis=1)
+  plen = shard["p"].shape[1]
+  lp = trainer.logprobs(tokens, seg, plen)
+  model = trainer.model()
+  pos = policy.sequence_positions(seg)
+  want = {}
+  for name, adapter in (("policy_logp", "policy"), ("anchor_logp", None)):
+    logits = model.response_logits(tokens, positions=pos, segment_ids=seg,
+                                   prompt_length=plen, adapter=adapter)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32) / temperature)
+    want[name] = jnp.take_along_axis(logp, out.tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(lp[name], want[name], atol=1e-4, err_msg=name)
+  # The decoder's returned log-probs are the same distribution's.
+  np.testing.assert_allclose(out.logprobs, want["policy_logp"], atol=1e-4)
+  # The update's log-probs too: against the decoder's as old_logp, the
+  # ratio is 1 on every token before the first step.
+  n = out.tokens.shape
+  batch = {"tokens": tokens, "segment_ids": seg, "response_mask": out.mask,
+           "old_logp": out.logprobs, "anchor_logp": lp["anchor_logp"],
+           "advantages": jnp.ones(n), "value_targets": jnp.zeros(n),
+           "value_mask": jnp.zeros(n), "old_values": jnp.zeros(n),
+           "beta": jnp.full((n[0],), 0.05), "policy_weight": jnp.ones((n[0],))}
+  _, count, metrics = trainer._loss_fn(model, batch, None)
+  for key in ("ratio_min", "ratio_max"):
+    assert float(metrics[key][0] / count) == pytest.approx(1.0, abs=1e-4), key
+  assert float(metrics["approx_kl"][0] / count) < 1e-8
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_expected_policy_gradient_ignores_a_constant_baseline(temperature):
+  """Exact E_{x~π_T}[∇ −(r(x) − b)·log π(x)] over a 4-way categorical."""
+  logits = jnp.array([5.0, 0.0, 0.0, 0.0])  # a peaked policy: top logit leads by 5
+  reward = jnp.array([1.0, 0.0, 0.0, 0.0])
+  sampling = decoding.SamplingConfig(max_new_tokens=1, temperature=temperature)
+  probs = jax.nn.softmax(decoding.process_logits(logits[None], sampling)[0])
+  temp = decoding.scoring_temperature(sampling)
+
+  def expected_grad(baseline):
+    def loss(theta):
+      # The trainer's scoring of token x under logits θ.
+      logp = policy.token_logprobs(policy.tempered(jnp.tile(theta, (4, 1)), temp),
+                                   jnp.arange(4))
+      adv = (reward - baseline)[:, None]
+      per_x = jax.vmap(lambda lp, a: objectives.policy_gradient_loss(
+          lp[None, None], a, jnp.ones((1, 1)))[0])(logp, adv)
+      return jnp.sum(probs * per_x)
+    return jax.grad(loss)(logits)
+
+  g0, g2 = expected_grad(0.0), expected_grad(2.0)
+  np.testing.assert_allclose(g0, g2, atol=1e-6)
+  # And it raises the correct token's logit.
+  assert float(-g0[0]) > 0
+
+
+def test_missing_eos_penalty_is_subtracted():
+  with pytest.raises(ValueError, match="missing_eos_penalty=-1.0: it is subtracted"):
+    policy.RLConfig(missing_eos_penalty=-1.0)
+  trainer = _trainer(policy.RLConfig(algorithm="rloo", samples_per_prompt=2,
+                                     missing_eos_penalty=1.0), steps=1)
+  scores = jnp.array([0.5, 0.5])
+  lp = {k: jnp.zeros((2, 3)) for k in ("policy_logp", "anchor_logp", "entropy")}
+  _, stats = trainer._advantages(scores, lp, jnp.ones((2, 3)), jnp.array([True, False]),
+                                 jnp.float32(0.0))
+  assert float(stats["reward_mean"]) == pytest.approx((0.5 + (0.5 - 1.0)) / 2)
+  assert float(stats["truncation_rate"]) == 0.5
+
+
+def test_critic_warmup_freezes_the_policy_and_value_starts_from_the_reward_head():
+  p = partitioning.Partitioner("data=-1")
+  with p:
+    module = _hydra(p)
+    assert policy.init_value_from_reward(module) == ["head", "adapter"]
+    np.testing.assert_array_equal(module.value_head.proj.kernel[...],
+                                  module.reward_head.proj.kernel[...])
+    for (_, v), (_, r) in zip(
+        nnx.to_flat_state(nnx.state(module, lora.adapter_filter("value"))),
+        nnx.to_flat_state(nnx.state(module, lora.adapter_filter("reward")))):
+      np.testing.assert_array_equal(v[...], r[...])
+    trainer = policy.PolicyTrainer(
+        module=module, rl=policy.RLConfig(critic_warmup_steps=2), sampling=SAMPLING,
+        partitioner=p, total_steps=4, optimizer=core.OptimizerConfig(learning_rate=1e-2))
+  pol = lora.adapter_filter("policy")
+  before = jax.tree.map(np.asarray, nnx.state(trainer.model(), pol))
+  value_before = jax.tree.map(np.asarray, nnx.state(trainer.model(), lora.adapter_filter("value")))
+  for i in range(2):
+    assert trainer.train_step(PROMPTS, jax.random.key(i))["critic_warmup"] == 1.0
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(nnx.state(trainer.model(), pol))):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(
+      jax.tree.leaves(value_before),
+      jax.tree.leaves(nnx.state(trainer.model(), lora.adapter_filter("value")))))
+  m = trainer.train_step(PROMPTS, jax.random.key(5))
+  assert m["critic_warmup"] == 0.0
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(
+      jax.tree.leaves(before), jax.tree.leaves(nnx.state(trainer.model(), pol))))
+
+
+def test_ppo_target_kl_stops_the_epochs_and_metrics_cover_every_update():
+  rl = policy.RLConfig(algorithm="ppo", ppo_epochs=4, num_minibatches=1, target_kl=1e-12)
+  trainer = _trainer(rl, steps=3, lr=3e-2)
+  m = trainer.train_step(PROMPTS, jax.random.key(0))
+  # The first update moves the policy (approx_kl 0 on it: same params as the
+  # rollout); the second sees approx_kl > target and is the last.
+  assert m["num_updates"] == 2.0 and trainer.step == 1
+  full = _trainer(dataclasses.replace(rl, target_kl=None), steps=3, lr=3e-2)
+  m = full.train_step(PROMPTS, jax.random.key(0))
+  assert m["num_updates"] == 4.0
+  assert m["ratio_min"] <= m["ratio_mean"] <= m["ratio_max"]
+  assert m["ratio_min"] < 1.0 < m["ratio_max"]
+  for key in ("approx_kl", "value_clip_fraction", "objective", "eos_rate",
+              "truncation_rate", "kl_estimate"):
+    assert key in m and np.isfinite(m[key]), key
+  assert 0.0 <= m["value_clip_fraction"] <= 1.0

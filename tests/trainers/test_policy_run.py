@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from perl import checkpoints, decoding
+from perl.rl import kl as kl_lib
 from perl.models import config as model_config
 from perl.trainers import policy, reward_model
 from tasks import synthetic
@@ -36,7 +37,9 @@ def _run(model_dir, reward_dir, steps, **overrides):
       model_dir=model_dir, train_steps=steps, mixture_or_task_name="synthetic_prompts",
       task_feature_lengths={"prompt": 48}, batch_size=4, model_config=TINY,
       reward_checkpoint=reward_dir, reward_lora=LORA, policy_lora=LORA,
-      rl=policy.RLConfig(algorithm="reinforce"),
+      # An adaptive β that moves every step: resume must continue it.
+      rl=policy.RLConfig(algorithm="reinforce", kl=kl_lib.KLControllerConfig(
+          init_coef=0.05, target=1e-4, horizon=8)),
       sampling=decoding.SamplingConfig(max_new_tokens=8, temperature=0.7),
       eval_max_batches=1, eval_batch_size=4, ground_truth=synthetic.ground_truth_reward,
       log_every=100, mesh="data=4,model=2")
@@ -64,6 +67,13 @@ def test_policy_run_on_shared_backbone_evaluates_exports_and_resumes(tmp_path, r
   a = [m["train/reward_mean"] for m in _metrics(straight) if "train/reward_mean" in m]
   b = [m["train/reward_mean"] for m in _metrics(resumed) if "train/reward_mean" in m]
   assert len(a) == 4 and a == b
+  a = [m["train/kl_coef"] for m in _metrics(straight) if "train/kl_coef" in m]
+  b = [m["train/kl_coef"] for m in _metrics(resumed) if "train/kl_coef" in m]
+  assert len(set(a)) == 4 and a == b
+  # A few decoded samples of the final eval, in the run directory.
+  with open(os.path.join(straight, "eval_samples", "4.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  assert len(rows) == 4 and {"prompt", "policy", "sft", "ground_truth_reward"} <= set(rows[0])
 
 
 def test_policy_run_with_separate_reward_backbone(tmp_path, reward_dir):
