@@ -216,5 +216,6 @@ def train(
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric=None, log_every=log_every, seed=seed,
       headline=("loss", "sft_loss", "bt_loss", "accuracy"),
-      on_finish=loop.export_on_finish(model_dir, model.adapter) if export
+      on_finish=loop.export_on_finish(model_dir, model.adapter,
+                                      base_checkpoint=base_checkpoint) if export
       else None, stop_at_step=stop_at_step)

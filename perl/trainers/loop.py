@@ -108,15 +108,22 @@ def row_evaluate(
 
 
 def export_on_finish(model_dir: str, adapter: str | None, *,
-                     part: Callable[[Any], Any] = lambda model: model
+                     part: Callable[[Any], Any] = lambda model: model,
+                     base_checkpoint: str | None = None,
                      ) -> Callable[[Any], None]:
   """`fit`'s on_finish that writes MODEL_DIR/export, the next stage's base:
   `part` of the final model with `adapter` merged. Every process calls it:
-  Orbax coordinates multi-host saves."""
+  Orbax coordinates multi-host saves. When the run started from a Hugging
+  Face checkpoint, the adapter is also written in PEFT's format to
+  MODEL_DIR/export_peft (loads with `PeftModel.from_pretrained`)."""
 
   def on_finish(trainer) -> None:
+    model = trainer.model()
     checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
-                              part(trainer.model()), adapter)
+                              part(model), adapter)
+    from perl.models import peft_adapters  # pylint: disable=g-import-not-at-top
+    peft_adapters.export_peft_adapter_if_hf_base(
+        part(model), model_dir, adapter=adapter, base_checkpoint=base_checkpoint)
 
   return on_finish
 

@@ -558,7 +558,8 @@ def train(
       best_metric=best_metric, log_every=log_every, seed=seed,
       headline=("reward_mean", "kl"),
       on_finish=loop.export_on_finish(model_dir, POLICY,
-                                      part=lambda m: m.backbone)
+                                      part=lambda m: m.backbone,
+                                      base_checkpoint=base_checkpoint)
       if export else None)
 
 

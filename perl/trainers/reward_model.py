@@ -207,7 +207,8 @@ def train(
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric="accuracy", log_every=log_every, seed=seed,
-      on_finish=loop.export_on_finish(model_dir, rm.adapter) if export
+      on_finish=loop.export_on_finish(model_dir, rm.adapter,
+                                      base_checkpoint=base_checkpoint) if export
       else None, stop_at_step=stop_at_step)
 
 

@@ -139,5 +139,6 @@ def train(
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric=None, log_every=log_every, seed=seed,
-      on_finish=loop.export_on_finish(model_dir, sft.adapter),
+      on_finish=loop.export_on_finish(model_dir, sft.adapter,
+                                      base_checkpoint=base_checkpoint),
       stop_at_step=stop_at_step)
