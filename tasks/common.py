@@ -16,7 +16,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from perl.data import report
+from perl.data import chat, preprocessors, report, vocabularies
 
 SFT = "sft"
 PREFERENCE = "preference"
@@ -101,11 +101,14 @@ def _signature(kind: str) -> Dict[str, tf.TensorSpec]:
 def generator_source(
     name: str, kind: str, splits: Sequence[str],
     records_fn: Callable[[str], Iterable[dict]],
+    vocabulary: seqio.Vocabulary | None = None,
 ) -> seqio.FunctionDataSource:
   """A data source yielding `records_fn(split)` after the quality checks.
 
   `records_fn` runs lazily, when the dataset is iterated, so data paths and
-  gin bindings are resolved at read time.
+  gin bindings are resolved at read time. With gin's
+  `perl.data.chat.rendering.kind='chat_template'`, records are rendered by
+  the tokenizer's chat template here (`perl.data.chat.render_record`).
   """
 
   def dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
@@ -113,12 +116,17 @@ def generator_source(
     scope = f"{name}/{split}"
     policy = QualityPolicy()
     fields = set(_signature(kind))
+    template = chat.rendering()
+    eos_text = _eos_text(vocabulary) if template is not None else None
 
     def generate():
       # Chunks cut the per-element Python->TF crossing, the pipeline's
       # bottleneck (about 2x examples/s on the synthetic preference task).
       chunk = {k: [] for k in fields}
       for record in checked(kind, records_fn(split), scope, policy):
+        if template is not None:
+          record = chat.render_record(record, TEXT_FIELDS[kind], template,
+                                      eos_text=eos_text)
         for k in fields:
           chunk[k].append(record[k])
         if len(chunk["prompt" if "prompt" in fields else "inputs"]) == _CHUNK:
@@ -135,6 +143,13 @@ def generator_source(
   return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
 
 
+def _eos_text(vocabulary: seqio.Vocabulary | None) -> str | None:
+  """The EOS token as text (what a chat template closes a turn with)."""
+  if vocabulary is None or vocabulary.eos_id is None:
+    return None
+  return vocabularies.token_text_of(vocabulary, vocabulary.eos_id)
+
+
 def register_task(
     name: str, *, kind: str, splits: Sequence[str],
     records_fn: Callable[[str], Iterable[dict]],
@@ -148,8 +163,9 @@ def register_task(
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name,
-      source=generator_source(name, kind, splits, records_fn),
-      preprocessors=[seqio.preprocessors.tokenize,
+      source=generator_source(name, kind, splits, records_fn, vocabulary),
+      preprocessors=[preprocessors.tokenize_in_batches,
+                     preprocessors.prepend_bos,
                      seqio.preprocessors.append_eos],
       output_features=output_features(kind, vocabulary),
       metric_fns=list(metric_fns),

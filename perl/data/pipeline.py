@@ -12,6 +12,8 @@ features; the matching converter comes from `feature_converters.CONVERTERS`.
 """
 from __future__ import annotations
 
+import json
+import os
 from typing import Iterator, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -46,6 +48,25 @@ def vocabulary(name: str) -> seqio.Vocabulary:
   features = get_task(name).output_features
   key = next(k for k in ("prompt", "inputs", "targets") if k in features)
   return features[key].vocabulary
+
+
+def check_vocabulary_fits(task: str, *, vocab_size: int,
+                          base_checkpoint: Optional[str] = None) -> None:
+  """At start-up: the task's tokenizer against the model and its checkpoint.
+
+  One-line ValueError when a token id could fall outside the embedding, or
+  when the BOS differs from a Hugging Face checkpoint's config.json.
+  """
+  from perl.data import vocabularies  # pylint: disable=g-import-not-at-top
+  checkpoint_config = None
+  if base_checkpoint:
+    config_path = os.path.join(os.path.expanduser(base_checkpoint), "config.json")
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        checkpoint_config = json.load(f)
+  vocabularies.check_fits_model(
+      vocabulary(task), vocab_size=vocab_size, checkpoint_config=checkpoint_config,
+      where=f"The tokenizer of task {task!r}")
 
 
 def _shard_info(shard_info: ShardSpec) -> Optional[seqio.ShardInfo]:

@@ -182,6 +182,9 @@ def train(
 ) -> dict[str, Any]:
   """Hydra-SFT on a preference task; returns the final train and eval metrics."""
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
   if kind != PREFERENCE:
     raise ValueError(
         f"Task {mixture_or_task_name!r} is a {kind!r} task; Hydra-SFT needs a "

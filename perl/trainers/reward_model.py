@@ -176,6 +176,9 @@ def train(
 ) -> dict[str, Any]:
   """Trains a reward model; returns the final train and eval metrics."""
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
   if kind not in (PREFERENCE, POINTWISE):
     raise ValueError(
         f"Task {mixture_or_task_name!r} is a {kind!r} task; a reward model "

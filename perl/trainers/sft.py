@@ -90,6 +90,9 @@ def train(
 ) -> dict[str, Any]:
   """SFT; writes MODEL_DIR/export (merged full weights) at the end."""
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
   if kind != "sft":
     raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; SFT "
                      "needs an sft task (inputs/targets), e.g. synthetic_sft.")
