@@ -123,10 +123,11 @@ def generator_source(
       # Chunks cut the per-element Python->TF crossing, the pipeline's
       # bottleneck (about 2x examples/s on the synthetic preference task).
       chunk = {k: [] for k in fields}
-      for record in checked(kind, records_fn(split), scope, policy):
-        if template is not None:
-          record = chat.render_record(record, TEXT_FIELDS[kind], template,
-                                      eos_text=eos_text)
+      records = records_fn(split)
+      if template is not None:  # rendered first, so the checks see the text
+        records = (chat.render_record(r, TEXT_FIELDS[kind], template,
+                                      eos_text=eos_text) for r in records)
+      for record in checked(kind, records, scope, policy):
         for k in fields:
           chunk[k].append(record[k])
         if len(chunk["prompt" if "prompt" in fields else "inputs"]) == _CHUNK:

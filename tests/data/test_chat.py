@@ -184,3 +184,55 @@ def test_a_tokenizer_without_a_chat_template_is_one_error(tmp_path):
   (tmp_path / "tokenizer_config.json").write_text("{}")
   with pytest.raises(ValueError, match="No chat template in .*rendering='raw'"):
     chat.ChatTemplate.from_pretrained(str(tmp_path))
+
+
+def _write_jsonl(path, rows):
+  import json  # pylint: disable=g-import-not-at-top
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  return str(path)
+
+
+def test_trl_conversational_rows_are_rendered_by_the_template(tokenizer_dir, tmp_path):
+  """TRL's explicit- and implicit-prompt conversational rows give the same ids."""
+  _, path, hf = tokenizer_dir
+  chosen = [{"role": "assistant", "content": CHOSEN}]
+  rejected = [{"role": "assistant", "content": REJECTED}]
+  explicit = {"prompt": PROMPT, "chosen": chosen, "rejected": rejected}
+  implicit = {"chosen": PROMPT + chosen, "rejected": PROMPT + rejected}
+  train = _write_jsonl(tmp_path / "train.jsonl", [explicit, implicit])
+  with gin.unlock_config():
+    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.kind", "huggingface")
+    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.path", path)
+    gin.bind_parameter("perl.data.chat.rendering.kind", "chat_template")
+    gin.bind_parameter("tasks.trl_format.data_files.files", {"train": train})
+  try:
+    ds = pipeline.get_dataset(task="trl_preference", split="train", shuffle=False,
+                              feature_lengths={"prompt": 96, "response": 32})
+    rows = list(ds.as_numpy_iterator())
+    assert len(rows) == 2
+    full = _ids(hf.apply_chat_template(PROMPT + chosen, tokenize=True))
+    end = len(full) - full[::-1].index(hf.eos_token_id)
+    for ex in rows:
+      assert _real(ex, "chosen") == full[:end]
+    with pytest.raises(Exception, match="no file for split 'test'"):
+      next(pipeline.get_dataset(task="trl_preference", split="test",
+                                feature_lengths={"prompt": 8, "response": 8}
+                                ).as_numpy_iterator())
+  finally:
+    gin.clear_config()
+
+
+def test_trl_conversational_rows_without_a_template_are_one_error(tmp_path):
+  row = {"prompt": PROMPT, "chosen": [{"role": "assistant", "content": "a"}],
+         "rejected": [{"role": "assistant", "content": "b"}]}
+  train = _write_jsonl(tmp_path / "train.jsonl", [row])
+  with gin.unlock_config():
+    gin.bind_parameter("tasks.trl_format.data_files.files", {"train": train})
+  try:
+    with pytest.raises(Exception, match=r"train.jsonl:1: malformed row: .*"
+                       "rendering.kind = 'chat_template'"):
+      next(pipeline.get_dataset(task="trl_preference", split="train",
+                                feature_lengths={"prompt": 8, "response": 8}
+                                ).as_numpy_iterator())
+  finally:
+    gin.clear_config()
