@@ -141,6 +141,92 @@ class PreferenceFeatureConverter(_Converter):
     return out
 
 
+class PackedPreferenceFeatureConverter(_Converter):
+  """Several (prompt, chosen, rejected) pairs per row, with segment ids.
+
+  Each pair is cut as in the unpacked converter, laid out as
+  [prompt + chosen | prompt + rejected], and pairs are packed greedily into
+  rows of `packed` tokens (default 2 · (prompt + response): one unpacked
+  pair's two slots) by SeqIO's packer; a pair never straddles two rows.
+  Segment 2k+1 is pair k's chosen sequence and 2k+2 its rejected one, so the
+  attention mask (segment ids) keeps every sequence to itself; positions
+  restart per sequence. Out, per row: tokens, segment_ids, positions,
+  response_mask [L]. The reward model scores each segment at its last token.
+  """
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    total = self.row_length(task_feature_lengths)
+    return {key: total for key in
+            ("tokens", "segment_ids", "positions", "response_mask")}
+
+  @staticmethod
+  def row_length(lengths: Mapping[str, int]) -> int:
+    return int(lengths.get("packed", 2 * (lengths["prompt"] + lengths["response"])))
+
+  def convert_example(self, ex, lengths):
+    parts = {}
+    for side, mark in (("chosen", 1), ("rejected", 2)):
+      f = prompt_response_features(ex["prompt"], ex[side], lengths, self.truncation)
+      n = tf.reduce_sum(f["segment_ids"])
+      parts[side] = {
+          "tokens": f["tokens"][:n], "positions": f["positions"][:n],
+          "response_mask": f["response_mask"][:n],
+          "side": tf.fill([n], tf.constant(mark, tf.int32))}
+      for key, value in f.items():
+        if key.startswith(STATS_PREFIX):
+          parts[side][f"{key}_{side}"] = value
+    out = {k: tf.concat([parts["chosen"][k], parts["rejected"][k]], 0)
+           for k in ("tokens", "positions", "response_mask", "side")}
+    for side in parts:
+      out.update({k: v for k, v in parts[side].items() if k.startswith(STATS_PREFIX)})
+    return out
+
+  def __call__(self, ds: tf.data.Dataset,
+               task_feature_lengths: Mapping[str, int]) -> tf.data.Dataset:
+    _check_lengths(task_feature_lengths, self.LENGTH_KEYS)
+    lengths = dict(task_feature_lengths)
+    row = self.row_length(lengths)
+    if row < 2 * (lengths["prompt"] + lengths["response"]):
+      raise ValueError(
+          f"packed row length {row} is shorter than one pair "
+          f"(2 x (prompt {lengths['prompt']} + response {lengths['response']})):"
+          " raise TASK_FEATURE_LENGTHS['packed'] or drop it.")
+    ds = ds.map(lambda ex: self.convert_example(ex, lengths),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    # Stats are per pair; packing needs every feature to be a sequence.
+    stats = [k for k in ds.element_spec if k.startswith(STATS_PREFIX)]
+    if self.with_stats:
+      for key in stats:
+        ds = ds.map(lambda ex, key=key: {**ex, key: tf.reshape(
+            tf.cast(ex[key], tf.int32), [1])})
+    else:
+      ds = ds.map(lambda ex: {k: v for k, v in ex.items()
+                              if not k.startswith(STATS_PREFIX)})
+    keys = ("tokens", "positions", "response_mask", "side")
+    # SeqIO's packer takes 0 for padding and drops one element per 0 it sees,
+    # but token id 0 is real in Llama 3 / Qwen and positions start at 0: every
+    # feature goes in shifted by +1 (side is 1/2 already) and comes out unshifted.
+    shifted = ds.map(lambda ex: {k: (v + 1 if k in keys[:3] else v)
+                                 for k, v in ex.items()})
+    packed = seqio.utils.trim_and_pack_dataset(
+        shifted, {**{k: row for k in keys},
+                  **({k: row for k in stats} if self.with_stats else {})})
+
+    def finish(ex):
+      pair = ex["tokens_segment_ids"]
+      real = pair > 0
+      segment_ids = tf.where(real, 2 * (pair - 1) + ex["side"], 0)
+      unshift = {k: tf.where(real, ex[k] - 1, 0) for k in keys[:3]}
+      out = {"tokens": unshift["tokens"], "segment_ids": segment_ids,
+             "positions": unshift["positions"],
+             "response_mask": unshift["response_mask"]}
+      if self.with_stats:
+        out.update({k: tf.reduce_sum(ex[k]) for k in stats})
+      return out
+
+    return packed.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 class PointwiseFeatureConverter(_Converter):
   """(prompt, response, label) -> tokens, segment_ids, positions, response_mask, label."""
 
@@ -219,6 +305,7 @@ class SftFeatureConverter:
 # Which converter serves which task kind (kind = task metadata, see tasks/).
 CONVERTERS = {
     "preference": PreferenceFeatureConverter,
+    "preference_packed": PackedPreferenceFeatureConverter,
     "pointwise": PointwiseFeatureConverter,
     "prompts": PromptFeatureConverter,
     "sft": SftFeatureConverter,

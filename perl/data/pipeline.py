@@ -84,12 +84,14 @@ def get_dataset(
     truncation: feature_converters.TruncationConfig = (
         feature_converters.TruncationConfig()),
     with_stats: bool = False,
+    pack: bool = False,
 ) -> tf.data.Dataset:
   """Converted (and, with batch_size, batched) tf.data examples of a task.
 
   shuffle defaults to True for "train" only; num_epochs=None repeats forever;
   shard_info is (index, num_shards) of this host. Truncation happens in the
   converter (prompts on the left by default), never in SeqIO's trimming.
+  pack: several preference pairs per row (PackedPreferenceFeatureConverter).
   """
   source = get_task(task)
   kind = task_kind(task)
@@ -99,7 +101,11 @@ def get_dataset(
       sequence_length=None, split=split, shuffle=shuffle, seed=seed,
       shard_info=_shard_info(shard_info), num_epochs=num_epochs,
       use_cached=False)
-  converter = feature_converters.CONVERTERS[kind](
+  if pack and kind not in ("preference", "sft"):
+    raise ValueError(f"pack=True packs preference pairs (and SFT examples); task "
+                     f"{task!r} is a {kind!r} task.")
+  converter_key = "preference_packed" if pack and kind == "preference" else kind
+  converter = feature_converters.CONVERTERS[converter_key](
       truncation=truncation, with_stats=with_stats)
   ds = converter(ds, feature_lengths)
   if batch_size:
@@ -114,6 +120,7 @@ def get_batches(
     drop_remainder: bool = True,
     truncation: feature_converters.TruncationConfig = (
         feature_converters.TruncationConfig()),
+    pack: bool = False,
 ) -> Iterator[dict]:
   """Numpy batches with exactly the converter's keys.
 
@@ -124,7 +131,7 @@ def get_batches(
                    batch_size=batch_size, shard_info=shard_info, seed=seed,
                    shuffle=shuffle, num_epochs=num_epochs,
                    drop_remainder=drop_remainder, truncation=truncation,
-                   with_stats=True)
+                   with_stats=True, pack=pack)
   scope = f"{task}/{split}"
   for batch in ds.as_numpy_iterator():
     out = {}

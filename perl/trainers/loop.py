@@ -29,6 +29,7 @@ BatchFactory = Callable[[int], Iterator[dict]]
 def train_batches(
     *, task: str, feature_lengths: Mapping[str, int], batch_size: int,
     partitioner: partitioning.Partitioner, seed: int, split: str = "train",
+    pack: bool = False,
 ) -> BatchFactory:
   """skip -> endless, shuffled, process-local numpy batches of `task`.
 
@@ -44,7 +45,7 @@ def train_batches(
     ds = pipeline.get_dataset(
         task=task, split=split, feature_lengths=feature_lengths,
         batch_size=batch_size // num_shards, shard_info=(index, num_shards),
-        seed=seed, shuffle=True, num_epochs=None)
+        seed=seed, shuffle=True, num_epochs=None, pack=pack)
     return ds.skip(skip).as_numpy_iterator()
 
   return make
