@@ -21,8 +21,10 @@ Model features out (per example; the pipeline batches them):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Dict, Mapping
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -145,9 +147,9 @@ class PackedPreferenceFeatureConverter(_Converter):
   """Several (prompt, chosen, rejected) pairs per row, with segment ids.
 
   Each pair is cut as in the unpacked converter, laid out as
-  [prompt + chosen | prompt + rejected], and pairs are packed greedily into
-  rows of `packed` tokens (default 2 · (prompt + response): one unpacked
-  pair's two slots) by SeqIO's packer; a pair never straddles two rows.
+  [prompt + chosen | prompt + rejected], and pairs are packed greedily, in
+  order, into rows of `packed` tokens (default 2 · (prompt + response): one
+  unpacked pair's two slots); a pair never straddles two rows.
   Segment 2k+1 is pair k's chosen sequence and 2k+2 its rejected one, so the
   attention mask (segment ids) keeps every sequence to itself; positions
   restart per sequence. Out, per row: tokens, segment_ids, positions,
@@ -193,38 +195,67 @@ class PackedPreferenceFeatureConverter(_Converter):
           " raise TASK_FEATURE_LENGTHS['packed'] or drop it.")
     ds = ds.map(lambda ex: self.convert_example(ex, lengths),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    # Stats are per pair; packing needs every feature to be a sequence.
-    stats = [k for k in ds.element_spec if k.startswith(STATS_PREFIX)]
-    if self.with_stats:
-      for key in stats:
-        ds = ds.map(lambda ex, key=key: {**ex, key: tf.reshape(
-            tf.cast(ex[key], tf.int32), [1])})
-    else:
-      ds = ds.map(lambda ex: {k: v for k, v in ex.items()
-                              if not k.startswith(STATS_PREFIX)})
+    stats = sorted(k for k in ds.element_spec if k.startswith(STATS_PREFIX))
     keys = ("tokens", "positions", "response_mask", "side")
-    # SeqIO's packer takes 0 for padding and drops one element per 0 it sees,
-    # but token id 0 is real in Llama 3 / Qwen and positions start at 0: every
-    # feature goes in shifted by +1 (side is 1/2 already) and comes out unshifted.
-    shifted = ds.map(lambda ex: {k: (v + 1 if k in keys[:3] else v)
-                                 for k, v in ex.items()})
-    packed = seqio.utils.trim_and_pack_dataset(
-        shifted, {**{k: row for k in keys},
-                  **({k: row for k in stats} if self.with_stats else {})})
 
-    def finish(ex):
-      pair = ex["tokens_segment_ids"]
-      real = pair > 0
-      segment_ids = tf.where(real, 2 * (pair - 1) + ex["side"], 0)
-      unshift = {k: tf.where(real, ex[k] - 1, 0) for k in keys[:3]}
-      out = {"tokens": unshift["tokens"], "segment_ids": segment_ids,
-             "positions": unshift["positions"],
-             "response_mask": unshift["response_mask"]}
+    def pack_chunk(chunk):
+      flat = [chunk[k].flat_values for k in keys]
+      outs = tf.numpy_function(
+          functools.partial(_pack_pairs, row=row),
+          [chunk["tokens"].row_lengths(), *flat,
+           *[tf.cast(chunk[k], tf.int32) for k in stats]],
+          Tout=[tf.int32] * (4 + len(stats)), stateful=False)
+      for t in outs[:4]:
+        t.set_shape([None, row])
+      for t in outs[4:]:
+        t.set_shape([None])
+      out = dict(zip(("tokens", "segment_ids", "positions", "response_mask"),
+                     outs[:4]))
       if self.with_stats:
-        out.update({k: tf.reduce_sum(ex[k]) for k in stats})
+        out.update(zip(stats, [tf.cast(t, tf.int32) for t in outs[4:]]))
       return out
 
-    return packed.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+    return (ds.ragged_batch(PACK_CHUNK)
+            .map(pack_chunk, num_parallel_calls=tf.data.AUTOTUNE)
+            .unbatch())
+
+
+# Pairs packed together in one call: rows are filled greedily in file order
+# within a chunk, so only each chunk's last row may be left part-empty.
+PACK_CHUNK = 1024
+
+
+def _pack_pairs(lengths, tokens, positions, response_mask, side, *stats, row):
+  """Greedy in-order packing of [chosen | rejected] pair sequences (numpy).
+
+  Written by hand because SeqIO's packer treats id 0 as padding (a real
+  token in Llama 3 / Qwen) and runs a TF while-loop per example.
+  """
+  starts = np.concatenate([[0], np.cumsum(lengths)])
+  rows, current, used = [], [], 0
+  for i, n in enumerate(lengths):
+    if used + n > row:
+      rows.append(current)
+      current, used = [], 0
+    current.append(i)
+    used += n
+  if current:
+    rows.append(current)
+  out = np.zeros((4, len(rows), row), np.int32)
+  row_stats = np.zeros((len(stats), len(rows)), np.int32)
+  for r, members in enumerate(rows):
+    at = 0
+    for k, i in enumerate(members):
+      a, b = starts[i], starts[i + 1]
+      n = b - a
+      out[0, r, at:at + n] = tokens[a:b]
+      out[1, r, at:at + n] = 2 * k + side[a:b]
+      out[2, r, at:at + n] = positions[a:b]
+      out[3, r, at:at + n] = response_mask[a:b]
+      for j, stat in enumerate(stats):
+        row_stats[j, r] += stat[i]
+      at += n
+  return (*out, *row_stats)
 
 
 class PointwiseFeatureConverter(_Converter):
