@@ -4,8 +4,9 @@ TRL's DPO/Reward trainers read rows of
   explicit prompt:  {"prompt": ..., "chosen": ..., "rejected": ...}
   implicit prompt:  {"chosen": ..., "rejected": ...}  (the shared turns are the prompt)
 where each value is plain text ("standard") or a list of {"role", "content"}
-messages ("conversational"). Files are JSON lines (optionally .gz) or a JSON
-array, one per split, named in gin:
+messages ("conversational"). Files are JSON lines (optionally .gz), a JSON
+array, or Parquet (the shards a Hugging Face `datasets` download holds), one
+path or glob per split, named in gin:
 
   tasks.trl_format.data_files.files = {'train': '/data/train.jsonl',
                                        'test': '/data/test.jsonl'}
@@ -16,6 +17,7 @@ Conversational rows need `perl.data.chat.rendering.kind = 'chat_template'`
 """
 from __future__ import annotations
 
+import glob
 import os
 from typing import Iterator, Mapping, Optional
 
@@ -34,18 +36,35 @@ def data_files(files: Optional[Mapping[str, str]] = None) -> dict[str, str]:
   return dict(files or {})
 
 
-def _file(split: str) -> str:
+def _files(split: str) -> list[str]:
   files = data_files()
   if split not in files:
     raise FileNotFoundError(
         f"{PREFERENCE_TASK}: no file for split {split!r} (given: "
         f"{sorted(files) or 'none'}). Fix: bind tasks.trl_format.data_files."
         f"files = {{'{split}': '/path/to/{split}.jsonl', ...}}.")
-  path = os.path.expanduser(files[split])
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{PREFERENCE_TASK}: {path} (split {split!r}) does "
-                            "not exist; fix tasks.trl_format.data_files.")
-  return path
+  pattern = os.path.expanduser(files[split])
+  paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise FileNotFoundError(f"{PREFERENCE_TASK}: {pattern} (split {split!r}) "
+                            "matches no file; fix tasks.trl_format.data_files.")
+  return paths
+
+
+def _parquet_rows(path: str, scope: str):
+  """(where, record) of a Parquet file (a Hugging Face `datasets` shard)."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pyarrow raises several types for bad files
+    raise ValueError(f"{path}: not a readable Parquet file ({e}).") from None
+  for index, record in enumerate(table.to_pylist()):
+    where = f"{path} row {index}"
+    problem = readers.require_fields(record, ("chosen", "rejected"))
+    if problem:
+      readers.handle_bad_row(where, problem, scope=scope)
+      continue
+    yield where, record
 
 
 def _is_messages(value) -> bool:
@@ -84,14 +103,16 @@ def parse_row(record: Mapping) -> dict:
 
 
 def pairs(split: str) -> Iterator[dict]:
-  path = _file(split)
   scope = f"{PREFERENCE_TASK}/{split}"
-  for where, record in readers.read_json_records(
-      path, required=("chosen", "rejected"), scope=scope):
-    row = readers.parse_or_bad_row(where, lambda: parse_row(record),
-                                   scope=scope)
-    if row is not None:
-      yield row
+  for path in _files(split):
+    rows = (_parquet_rows(path, scope) if path.endswith(".parquet") else
+            readers.read_json_records(path, required=("chosen", "rejected"),
+                                      scope=scope))
+    for where, record in rows:
+      row = readers.parse_or_bad_row(where, lambda: parse_row(record),
+                                     scope=scope)
+      if row is not None:
+        yield row
 
 
 def register(vocabulary: Optional[object] = None) -> None:

@@ -236,3 +236,26 @@ def test_trl_conversational_rows_without_a_template_are_one_error(tmp_path):
                                 ).as_numpy_iterator())
   finally:
     gin.clear_config()
+
+
+def test_trl_rows_from_parquet_shards(tmp_path):
+  """A Hugging Face `datasets` download (Parquet shards), standard format."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  rows = [{"prompt": f"order {i}:", "chosen": " yes", "rejected": " no"}
+          for i in range(5)]
+  for shard in range(2):
+    pq.write_table(pa.Table.from_pylist(rows[shard * 3:(shard + 1) * 3]),
+                   str(tmp_path / f"train-0000{shard}-of-00002.parquet"))
+  with gin.unlock_config():
+    gin.bind_parameter("tasks.trl_format.data_files.files",
+                       {"train": str(tmp_path / "train-*.parquet")})
+  try:
+    ds = pipeline.get_dataset(task="trl_preference", split="train", shuffle=False,
+                              feature_lengths={"prompt": 16, "response": 8})
+    examples = list(ds.as_numpy_iterator())
+  finally:
+    gin.clear_config()
+  assert len(examples) == 5
+  byte = vocabularies.byte_vocabulary()
+  assert _real(examples[4], "chosen") == byte.encode("order 4: yes") + [1]
