@@ -110,7 +110,38 @@ def get_dataset(
   ds = converter(ds, feature_lengths)
   if batch_size:
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  return ds.prefetch(tf.data.AUTOTUNE)
+  options = tf.data.Options()
+  # The Python steps (tokenizer calls, the pair packer) are pure functions of
+  # their inputs, so an iterator over them can be checkpointed as is.
+  options.experimental_external_state_policy = (
+      tf.data.experimental.ExternalStatePolicy.IGNORE)
+  return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+class CheckpointableBatches:
+  """Numpy batches from a tf.data pipeline whose position can be saved.
+
+  `save(prefix)` writes the iterator's state (shuffle buffer, epoch, offset
+  into the in-memory source; tf.train.Checkpoint) and `restore(prefix)` puts
+  a fresh iterator of the same pipeline exactly there, so a resumed run reads
+  on from the batch it stopped at without producing the earlier ones again.
+  """
+
+  def __init__(self, ds: tf.data.Dataset):
+    self._iterator = iter(ds)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+  def save(self, prefix: str) -> str:
+    return self._checkpoint.write(prefix)
+
+  def restore(self, prefix: str) -> None:
+    self._checkpoint.read(prefix).assert_consumed()
 
 
 def get_batches(
