@@ -157,6 +157,10 @@ class CheckpointManager:
                     metrics={self.best_metric: value}, force=True)
     return True
 
+  def all_steps(self) -> list[int]:
+    """Steps of the latest-N checkpoints kept in MODEL_DIR/checkpoints."""
+    return list(self._latest.all_steps())
+
   def latest_step(self) -> int | None:
     return self._latest.latest_step()
 

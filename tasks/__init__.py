@@ -1,5 +1,6 @@
 """Importing `tasks` registers every SeqIO task and mixture (idempotent)."""
-from tasks import bolt, hh_rlhf, mixtures, shp, synthetic, taskmaster, tldr
+from tasks import (bolt, hh_rlhf, mixtures, shp, synthetic, taskmaster, tldr,
+                   trl_format)
 
 synthetic.register()
 taskmaster.register()
@@ -7,4 +8,5 @@ hh_rlhf.register()
 tldr.register()
 shp.register()
 bolt.register()
+trl_format.register()
 mixtures.register()

@@ -17,7 +17,7 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from perl.data import report
+from perl.data import chat, preprocessors, report, vocabularies
 
 SFT = "sft"
 PREFERENCE = "preference"
@@ -115,13 +115,16 @@ def generator_source(
     name: str, kind: str, splits: Sequence[str],
     records_fn: Callable[[str], Iterable[dict]],
     preflight: Optional[Callable[[str], None]] = None,
+    vocabulary: seqio.Vocabulary | None = None,
 ) -> seqio.FunctionDataSource:
   """A data source yielding `records_fn(split)` after the quality checks.
 
   `records_fn` runs lazily, when the dataset is iterated, so data paths and
   gin bindings are resolved at read time. `preflight(split)` runs when the
   dataset is built: it checks that every file exists and opens, so a missing,
-  truncated or wrong file is one error before any tf.data graph exists.
+  truncated or wrong file is one error before any tf.data graph exists. With
+  gin's `perl.data.chat.rendering.kind='chat_template'`, records are rendered
+  by the tokenizer's chat template here (`perl.data.chat.render_record`).
   """
 
   def dataset_fn(split: str, shuffle_files: bool, seed=None) -> tf.data.Dataset:
@@ -134,30 +137,37 @@ def generator_source(
     scope = f"{name}/{split}"
     policy = QualityPolicy()
     fields = set(_signature(kind))
+    template = chat.rendering()
+    eos_text = _eos_text(vocabulary) if template is not None else None
 
-    def generate():
-      # Chunks cut the per-element Python->TF crossing, the pipeline's
-      # bottleneck (about 2x examples/s on the synthetic preference task).
-      chunk = {k: [] for k in fields}
-      try:
-        for record in checked(kind, records_fn(split), scope, policy):
-          for k in fields:
-            chunk[k].append(record[k])
-          if len(chunk["prompt" if "prompt" in fields else "inputs"]) == _CHUNK:
-            yield chunk
-            chunk = {k: [] for k in fields}
-      except Exception as e:  # pylint: disable=broad-except
-        _READER_ERRORS.append(e)
-        raise
-      if any(chunk.values()):
-        yield chunk
-
-    signature = {k: tf.TensorSpec((None,), spec.dtype)
-                 for k, spec in _signature(kind).items()}
-    return tf.data.Dataset.from_generator(
-        generate, output_signature=signature).unbatch()
+    records = records_fn(split)
+    if template is not None:  # rendered first, so the checks see the text
+      records = (chat.render_record(r, TEXT_FIELDS[kind], template,
+                                    eos_text=eos_text) for r in records)
+    # The split is read into memory once, as tensors: a tf.data source whose
+    # iterator position can be checkpointed (a Python generator's cannot),
+    # so a resumed run restores its input position instead of replaying it.
+    columns = {k: [] for k in fields}
+    try:
+      for record in checked(kind, records, scope, policy):
+        for k in fields:
+          columns[k].append(record[k])
+    except Exception as e:  # pylint: disable=broad-except
+      _READER_ERRORS.append(e)  # what numpy_iterator re-raises
+      raise
+    signature = _signature(kind)
+    return tf.data.Dataset.from_tensor_slices({
+        k: tf.constant(v, dtype=signature[k].dtype, shape=[len(v)])
+        for k, v in columns.items()})
 
   return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
+
+
+def _eos_text(vocabulary: seqio.Vocabulary | None) -> str | None:
+  """The EOS token as text (what a chat template closes a turn with)."""
+  if vocabulary is None or vocabulary.eos_id is None:
+    return None
+  return vocabularies.token_text_of(vocabulary, vocabulary.eos_id)
 
 
 def register_task(
@@ -174,8 +184,10 @@ def register_task(
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(
       name,
-      source=generator_source(name, kind, splits, records_fn, preflight),
-      preprocessors=[seqio.preprocessors.tokenize,
+      source=generator_source(name, kind, splits, records_fn, preflight,
+                              vocabulary),
+      preprocessors=[preprocessors.tokenize_in_batches,
+                     preprocessors.prepend_bos,
                      seqio.preprocessors.append_eos],
       output_features=output_features(kind, vocabulary),
       metric_fns=list(metric_fns),

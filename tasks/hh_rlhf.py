@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Iterator, Optional, Tuple
 
-from perl.data import paths, readers, report, vocabularies
+from perl.data import chat, paths, readers, report, vocabularies
 from tasks import common
 
 SOURCE = paths.DataSourceInfo(
@@ -50,6 +50,8 @@ def split_pair(chosen: str, rejected: str) -> Tuple[str, str, str, bool]:
 
 def pairs(subset: str, split: str) -> Iterator[dict]:
   scope = f"hh_rlhf/{subset}/{split}"
+  # With a chat template the transcript's turns become messages.
+  as_chat = chat.rendering() is not None
   path = paths.dataset_file(SOURCE, f"{subset}/{split}.jsonl.gz")
   for where, record in readers.read_json_lines(
       path, required={"chosen": str, "rejected": str}, scope=scope):
@@ -61,7 +63,13 @@ def pairs(subset: str, split: str) -> Iterator[dict]:
     prompt, chosen, rejected, differed = parts
     if differed:
       report.count(scope, "prompt_mismatch")
-    yield {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if as_chat:
+      pair["prompt_messages"] = readers.parse_or_bad_row(
+          where, lambda: chat.hh_messages(prompt), scope=scope)
+      if pair["prompt_messages"] is None:
+        continue
+    yield pair
 
 
 def check_files(subset: str, split: str) -> None:
@@ -86,12 +94,15 @@ def register(vocabulary: Optional[object] = None) -> None:
         task_name(subset, common.SFT), kind=common.SFT, splits=SPLITS,
         vocabulary=vocabulary,
         records_fn=lambda split, s=subset: (
-            {"inputs": p["prompt"], "targets": p["chosen"]}
+            {"inputs": p["prompt"], "targets": p["chosen"],
+             **({"prompt_messages": p["prompt_messages"]}
+                if "prompt_messages" in p else {})}
             for p in pairs(s, split)),
         preflight=lambda split, s=subset: check_files(s, split))
     common.register_task(
         task_name(subset, common.PROMPTS), kind=common.PROMPTS, splits=SPLITS,
         vocabulary=vocabulary,
         records_fn=lambda split, s=subset: (
-            {"prompt": p["prompt"]} for p in pairs(s, split)),
+            {k: v for k, v in p.items() if k in ("prompt", "prompt_messages")}
+            for p in pairs(s, split)),
         preflight=lambda split, s=subset: check_files(s, split))

@@ -36,6 +36,28 @@ def gather_last(hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
 
 
+def packed_pair_scores(scores: jax.Array, segment_ids: jax.Array
+                       ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-pair (chosen, rejected, mask) [B, L/2] from packed rows.
+
+  scores: [B, L] head output at every position; segment_ids: [B, L] with
+  pair k's chosen sequence as segment 2k+1 and its rejected one as 2k+2
+  (perl.data.feature_converters.PackedPreferenceFeatureConverter). Each
+  sequence is read at its last token. A per-row sort, not a scatter, finds
+  those tokens, so rows stay on the devices that hold them.
+  """
+  length = segment_ids.shape[-1]
+  following = jnp.concatenate(
+      [segment_ids[:, 1:], jnp.zeros_like(segment_ids[:, :1])], axis=1)
+  is_last = (segment_ids > 0) & (segment_ids != following)
+  key = jnp.where(is_last, segment_ids, length + 1)
+  order = jnp.argsort(key, axis=1)[:, : 2 * (length // 2)]
+  picked = jnp.take_along_axis(scores, order, axis=1)
+  valid = jnp.take_along_axis(is_last, order, axis=1)
+  mask = valid[:, 0::2] & valid[:, 1::2]
+  return picked[:, 0::2], picked[:, 1::2], mask
+
+
 class ScalarHead(nnx.Module):
   """r = h · w + b, in float32 (small: embed_dim + 1 parameters)."""
 
@@ -81,3 +103,18 @@ class RewardModule(nnx.Module):
         tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
         dropout_rng=dropout_rng)
     return self.head(gather_last(hidden, segment_ids))
+
+  def token_scores(
+      self,
+      tokens: jax.Array,
+      *,
+      positions: jax.Array,
+      segment_ids: jax.Array,
+      adapter: str | None = None,
+      dropout_rng: jax.Array | None = None,
+  ) -> jax.Array:
+    """[B, T] float32 head output at every position (packed rows)."""
+    hidden, _ = self.backbone.hidden_states(
+        tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
+        dropout_rng=dropout_rng)
+    return self.head(hidden)

@@ -183,6 +183,9 @@ def train(
 ) -> dict[str, Any]:
   """Hydra-SFT on a preference task; returns the final train and eval metrics."""
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
   if kind != PREFERENCE:
     raise ValueError(
         f"Task {mixture_or_task_name!r} is a {kind!r} task; Hydra-SFT needs a "
@@ -217,5 +220,6 @@ def train(
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric=None, log_every=log_every, seed=seed,
       headline=("loss", "sft_loss", "bt_loss", "accuracy"),
-      on_finish=loop.export_on_finish(model_dir, model.adapter) if export
+      on_finish=loop.export_on_finish(model_dir, model.adapter,
+                                      base_checkpoint=base_checkpoint) if export
       else None, stop_at_step=stop_at_step)

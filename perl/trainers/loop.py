@@ -4,15 +4,19 @@
         evaluate=..., ...)
 
 Resume is exact: the checkpoint holds the train state and the number of
-batches consumed, and the train iterator is rebuilt deterministically (same
-seed, same shuffle) and skips that many batches, so a resumed run sees the
-same batches and computes bit-identical metrics on CPU.
+batches consumed, and beside it MODEL_DIR/input_state/STEP holds the input
+pipeline's position (tf.data iterator state), so a resumed run restores the
+iterator there (no replay of the batches before it), sees the same batches
+and computes bit-identical metrics on CPU. Without a saved position (an older
+run) the iterator is rebuilt deterministically and skips the consumed batches.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -23,31 +27,70 @@ from perl.data import pipeline
 from perl.trainers import core
 from perl.trainers.metrics import MetricWriter
 
-BatchFactory = Callable[[int], Iterator[dict]]
+BatchFactory = Callable[..., Iterator[dict]]  # (skip[, input_state]) -> batches
 
 
 def train_batches(
     *, task: str, feature_lengths: Mapping[str, int], batch_size: int,
     partitioner: partitioning.Partitioner, seed: int, split: str = "train",
+    pack: bool = False,
 ) -> BatchFactory:
-  """skip -> endless, shuffled, process-local numpy batches of `task`.
+  """(skip, input_state) -> endless, shuffled, process-local numpy batches.
 
   `batch_size` is global; each process reads batch_size / num_shards rows of
-  its own shard. The same (seed, skip) always gives the same batches.
+  its own shard. The same (seed, skip) always gives the same batches. With
+  `input_state` (a prefix `save_input_state` wrote) the pipeline is restored
+  there instead of replaying `skip` batches.
   """
   index, num_shards = partitioner.data_shard_info()
   if batch_size % num_shards:
     raise ValueError(f"BATCH_SIZE={batch_size} is not divisible by the "
                      f"{num_shards} input shards (processes).")
 
-  def make(skip: int) -> Iterator[dict]:
+  def make(skip: int, input_state: str | None = None) -> Iterator[dict]:
     ds = pipeline.get_dataset(
         task=task, split=split, feature_lengths=feature_lengths,
         batch_size=batch_size // num_shards, shard_info=(index, num_shards),
-        seed=seed, shuffle=True, num_epochs=None)
-    return pipeline.numpy_iterator(ds.skip(skip))
+        seed=seed, shuffle=True, num_epochs=None, pack=pack)
+    if input_state is not None:
+      batches = pipeline.CheckpointableBatches(ds)
+      batches.restore(input_state)
+      return batches
+    if skip:
+      logging.warning("No saved input position: replaying %d batches.", skip)
+    return pipeline.CheckpointableBatches(ds.skip(skip))
 
   return make
+
+
+INPUT_STATE_DIR = "input_state"
+
+
+def input_state_prefix(model_dir: str, step: int) -> str:
+  """Where this process's input position at `step` is kept."""
+  return os.path.join(model_dir, INPUT_STATE_DIR, str(step),
+                      f"process_{jax.process_index()}")
+
+
+def save_input_state(batches, model_dir: str, step: int,
+                     keep_steps: Iterable[int]) -> None:
+  """Writes the input position beside the checkpoint of `step`; drops those
+  of steps no longer kept."""
+  save = getattr(batches, "save", None)
+  if save is None:
+    return
+  save(input_state_prefix(model_dir, step))
+  root = os.path.join(model_dir, INPUT_STATE_DIR)
+  keep = {str(s) for s in keep_steps} | {str(step)}
+  if jax.process_index() == 0:
+    for name in os.listdir(root):
+      if name not in keep:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def restored_input_state(model_dir: str, step: int) -> str | None:
+  prefix = input_state_prefix(model_dir, step)
+  return prefix if os.path.exists(prefix + ".index") else None
 
 
 def eval_batches(
@@ -129,15 +172,22 @@ def row_evaluate(
 
 
 def export_on_finish(model_dir: str, adapter: str | None, *,
-                     part: Callable[[Any], Any] = lambda model: model
+                     part: Callable[[Any], Any] = lambda model: model,
+                     base_checkpoint: str | None = None,
                      ) -> Callable[[Any], None]:
   """`fit`'s on_finish that writes MODEL_DIR/export, the next stage's base:
   `part` of the final model with `adapter` merged. Every process calls it:
-  Orbax coordinates multi-host saves."""
+  Orbax coordinates multi-host saves. When the run started from a Hugging
+  Face checkpoint, the adapter is also written in PEFT's format to
+  MODEL_DIR/export_peft (loads with `PeftModel.from_pretrained`)."""
 
   def on_finish(trainer) -> None:
+    model = trainer.model()
     checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
-                              part(trainer.model()), adapter)
+                              part(model), adapter)
+    from perl.models import peft_adapters  # pylint: disable=g-import-not-at-top
+    peft_adapters.export_peft_adapter_if_hf_base(
+        part(model), model_dir, adapter=adapter, base_checkpoint=base_checkpoint)
 
   return on_finish
 
@@ -186,7 +236,10 @@ def fit(
   writer = MetricWriter(model_dir, total_steps=train_steps,
                         log_every=log_every, headline=headline)
   rng = jax.random.PRNGKey(seed)
-  batches = train_batches(consumed)
+  input_state = (restored_input_state(model_dir, trainer.step)
+                 if consumed else None)
+  batches = (train_batches(consumed, input_state) if input_state
+             else train_batches(consumed))
   summary: dict[str, Any] = {}
   last_eval_step = None
 
@@ -229,6 +282,7 @@ def fit(
         manager.save(step, trainer.state,
                      extra={"consumed_batches": consumed,
                             **trainer.checkpoint_extra()})
+        save_input_state(batches, model_dir, step, manager.all_steps())
       if stopping and step < train_steps:
         summary["step"] = step
         return summary

@@ -671,6 +671,9 @@ def train(
   from perl.trainers import loop, policy_eval  # pylint: disable=g-import-not-at-top
 
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
   if kind != "prompts":
     raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; RL needs a "
                      "prompts task (e.g. synthetic_prompts, taskmaster4_prompts).")
@@ -725,7 +728,8 @@ def train(
       best_metric=best_metric, log_every=log_every, seed=seed,
       headline=("reward_mean", "kl"),
       on_finish=loop.export_on_finish(model_dir, POLICY,
-                                      part=lambda m: m.backbone)
+                                      part=lambda m: m.backbone,
+                                      base_checkpoint=base_checkpoint)
       if export else None)
 
 

@@ -26,7 +26,7 @@ from perl import checkpoints, losses, partitioning
 from perl.data import pipeline
 from perl.models import lora as lora_lib
 from perl.models.config import LoRAConfig, TransformerConfig
-from perl.models.heads import HEAD_NAME, RewardModule
+from perl.models.heads import HEAD_NAME, RewardModule, packed_pair_scores
 from perl.trainers import core, loop
 from perl.trainers.metrics import roc_auc
 
@@ -63,17 +63,29 @@ class RewardModel:
     scores = self.score(module, merged, rng=rng).reshape(-1, 2)
     return scores[:, 0], scores[:, 1]
 
+  def score_packed_pairs(self, module, batch, rng=None):
+    """(r_chosen, r_rejected, mask) [B, L/2] of packed rows (pack=True)."""
+    scores = module.token_scores(
+        batch["tokens"], positions=batch["positions"],
+        segment_ids=batch["segment_ids"], adapter=self.adapter, dropout_rng=rng)
+    return packed_pair_scores(scores, batch["segment_ids"])
+
   def loss_fn(self, module, batch, rng):
     if self.kind == PREFERENCE:
-      chosen, rejected = self.score_pairs(module, batch, rng)
-      loss_sum, denom = losses.bradley_terry(chosen, rejected,
+      if "chosen_tokens" in batch:
+        chosen, rejected = self.score_pairs(module, batch, rng)
+        w = jnp.ones(chosen.shape, jnp.float32)
+      else:  # packed rows: several pairs per row
+        chosen, rejected, mask = self.score_packed_pairs(module, batch, rng)
+        w = mask.astype(jnp.float32)
+      loss_sum, denom = losses.bradley_terry(chosen, rejected, weights=w,
                                              centering=self.centering)
-      n = jnp.float32(chosen.shape[0])
+      n = jnp.sum(w)
       metrics = {
-          "accuracy": (jnp.sum((chosen > rejected).astype(jnp.float32)), n),
-          "margin": (jnp.sum(chosen - rejected), n),
-          "reward_chosen": (jnp.sum(chosen), n),
-          "reward_rejected": (jnp.sum(rejected), n),
+          "accuracy": (jnp.sum(w * (chosen > rejected).astype(jnp.float32)), n),
+          "margin": (jnp.sum(w * (chosen - rejected)), n),
+          "reward_chosen": (jnp.sum(w * chosen), n),
+          "reward_rejected": (jnp.sum(w * rejected), n),
       }
       return loss_sum, denom, metrics
     scores = self.score(module, batch, rng=rng)
@@ -173,9 +185,21 @@ def train(
     log_every: int = 10,
     stop_at_step: int | None = None,
     export: bool = True,
+    pack: bool = False,
 ) -> dict[str, Any]:
-  """Trains a reward model; returns the final train and eval metrics."""
+  """Trains a reward model; returns the final train and eval metrics.
+
+  pack: several preference pairs per training row (segment ids; BATCH_SIZE
+  then counts rows, and metrics count pairs); evaluation stays one pair per
+  row. TASK_FEATURE_LENGTHS['packed'] sets the row length.
+  """
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
+  if pack and kind != PREFERENCE:
+    raise ValueError(f"pack=True packs preference pairs; {mixture_or_task_name!r}"
+                     f" is a {kind!r} task.")
   if kind not in (PREFERENCE, POINTWISE):
     raise ValueError(
         f"Task {mixture_or_task_name!r} is a {kind!r} task; a reward model "
@@ -204,10 +228,11 @@ def train(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,
       train_batches=loop.train_batches(
           task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=batch_size, partitioner=partitioner, seed=seed),
+          batch_size=batch_size, partitioner=partitioner, seed=seed, pack=pack),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric="accuracy", log_every=log_every, seed=seed,
-      on_finish=loop.export_on_finish(model_dir, rm.adapter) if export
+      on_finish=loop.export_on_finish(model_dir, rm.adapter,
+                                      base_checkpoint=base_checkpoint) if export
       else None, stop_at_step=stop_at_step)
 
 

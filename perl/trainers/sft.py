@@ -90,6 +90,9 @@ def train(
 ) -> dict[str, Any]:
   """SFT; writes MODEL_DIR/export (merged full weights) at the end."""
   kind = pipeline.task_kind(mixture_or_task_name)
+  pipeline.check_vocabulary_fits(mixture_or_task_name,
+                                 vocab_size=model_config.vocab_size,
+                                 base_checkpoint=base_checkpoint)
   if kind != "sft":
     raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; SFT "
                      "needs an sft task (inputs/targets), e.g. synthetic_sft.")
@@ -139,5 +142,6 @@ def train(
           batch_size=batch_size, partitioner=partitioner, seed=seed),
       evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
       best_metric=None, log_every=log_every, seed=seed,
-      on_finish=loop.export_on_finish(model_dir, sft.adapter),
+      on_finish=loop.export_on_finish(model_dir, sft.adapter,
+                                      base_checkpoint=base_checkpoint),
       stop_at_step=stop_at_step)

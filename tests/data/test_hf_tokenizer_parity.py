@@ -101,9 +101,11 @@ def test_special_tokens_and_sizes_agree(pair):
   # Inside text, a special token is one id on both sides.
   ids = vocab.encode(TEST[5])
   assert ids.count(hf.eos_token_id) == 1
-  # perl adds no BOS (converters add their own markers); HF's template does,
-  # and otherwise the ids are the same.
-  assert hf.encode(TEST[1]) == [hf.bos_token_id] + vocab.encode(TEST[1])
+  # encode() gives the text's ids; the BOS that HF's post-processor adds is
+  # the vocabulary's bos_id, which the task pipeline puts in front of raw
+  # prompts (perl.data.preprocessors.prepend_bos; tests/data/test_chat.py).
+  assert hf.encode(TEST[1]) == [vocab.bos_id] + vocab.encode(TEST[1])
+  assert vocab.bos_id == hf.bos_token_id
 
 
 def test_decode_round_trips_like_transformers(pair):

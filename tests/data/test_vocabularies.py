@@ -79,3 +79,49 @@ def test_task_vocabulary_is_chosen_by_gin(tokenizer_json):
   finally:
     gin.clear_config()
   assert vocabularies.ConfiguredVocabulary().vocab_size == 259
+
+
+def test_a_tokenizer_without_eos_is_one_error_naming_the_fix(tokenizer_json):
+  with pytest.raises(ValueError, match="no EOS token .*task_vocabulary.eos_token"):
+    vocabularies.HuggingFaceVocabulary(tokenizer_json)
+  with pytest.raises(FileNotFoundError, match="tokenizer file .* not found.*TOKENIZER"):
+    vocabularies.HuggingFaceVocabulary(tokenizer_json + ".missing", eos_token="</s>")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_one_error(tokenizer_json):
+  vocab = vocabularies.HuggingFaceVocabulary(tokenizer_json, eos_token="</s>")
+  size = vocab.vocab_size
+  vocabularies.check_fits_model(vocab, vocab_size=size)  # exactly fits
+  vocabularies.check_fits_model(vocab, vocab_size=size + 64)  # padded embedding
+  with pytest.raises(ValueError, match=f"has {size:,} tokens but MODEL_CONFIG"
+                     f".vocab_size is {size - 1:,}"):
+    vocabularies.check_fits_model(vocab, vocab_size=size - 1)
+  with pytest.raises(ValueError, match="checkpoint's config.json vocab_size is 10"):
+    vocabularies.check_fits_model(vocab, vocab_size=size,
+                                  checkpoint_config={"vocab_size": 10})
+  with pytest.raises(ValueError, match="has 259 tokens but MODEL_CONFIG.vocab_size is 100"):
+    vocabularies.check_fits_model(vocabularies.byte_vocabulary(), vocab_size=100)
+
+
+def test_bos_must_match_the_checkpoint(tmp_path, tokenizer_json):
+  import json  # pylint: disable=g-import-not-at-top
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  from tokenizers import processors  # pylint: disable=g-import-not-at-top
+  tok = tokenizers.Tokenizer.from_file(tokenizer_json)
+  bos = tok.token_to_id("<pad>")
+  tok.post_processor = processors.TemplateProcessing(
+      single="<pad> $A", special_tokens=[("<pad>", bos)])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "tokenizer_config.json").write_text(
+      json.dumps({"bos_token": "<pad>", "eos_token": "</s>"}))
+  vocab = vocabularies.task_vocabulary(kind="huggingface", path=str(tmp_path))
+  assert vocab.bos_id == bos and vocab.eos_id == tok.token_to_id("</s>")
+  vocabularies.check_fits_model(vocab, vocab_size=vocab.vocab_size,
+                                checkpoint_config={"bos_token_id": bos})
+  with pytest.raises(ValueError, match=f"BOS id {bos}, the checkpoint's config.json"
+                     " says bos_token_id=7"):
+    vocabularies.check_fits_model(vocab, vocab_size=vocab.vocab_size,
+                                  checkpoint_config={"bos_token_id": 7})
+  # add_bos=False: a model trained without BOS gets none.
+  assert vocabularies.task_vocabulary(kind="huggingface", path=str(tmp_path),
+                                      add_bos=False).bos_id is None

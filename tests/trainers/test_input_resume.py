@@ -1,0 +1,79 @@
+"""A resumed run restores the input pipeline's position instead of replaying
+the batches it had already consumed, and still trains bit-identically."""
+
+import json
+import os
+import shutil
+
+import tensorflow as tf
+
+from perl import checkpoints
+from perl.data import pipeline
+from perl.models import config as model_config
+from perl.trainers import loop, reward_model
+
+TINY = model_config.tiny(vocab_size=259, num_layers=1, embed_dim=32,
+                         num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
+STEPS = 24
+
+
+def _counting(monkeypatch):
+  """Counts the train batches the input pipeline produces."""
+  produced = {"train": 0}
+  original = pipeline.get_dataset
+
+  def get_dataset(**kwargs):
+    ds = original(**kwargs)
+    if kwargs.get("split") != "train":
+      return ds
+
+    def count():
+      produced["train"] += 1
+      return 0
+
+    return ds.map(lambda b: (b, tf.py_function(count, [], tf.int32))[0])
+
+  monkeypatch.setattr(pipeline, "get_dataset", get_dataset)
+  return produced
+
+
+def _train(model_dir, train_steps, stop_at_step=None):
+  return reward_model.train(
+      model_dir=str(model_dir), train_steps=train_steps,
+      mixture_or_task_name="synthetic_preference",
+      task_feature_lengths={"prompt": 48, "response": 32}, batch_size=8,
+      model_config=TINY, checkpoint=checkpoints.CheckpointConfig(save_every=STEPS),
+      stop_at_step=stop_at_step, log_every=1, export=False, eval_max_batches=1)
+
+
+def _losses(model_dir):
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+def test_resume_restores_the_input_position_without_replay(tmp_path, monkeypatch):
+  produced = _counting(monkeypatch)
+  _train(tmp_path / "ref", STEPS + 3)
+  reference = _losses(tmp_path / "ref")
+
+  _train(tmp_path / "run", STEPS + 3, stop_at_step=STEPS)
+  assert os.path.exists(loop.input_state_prefix(str(tmp_path / "run"), STEPS) + ".index")
+  produced["train"] = 0
+  _train(tmp_path / "run", STEPS + 3)
+  # Three steps' batches plus what the prefetch buffer read ahead; a replay
+  # would first produce all STEPS earlier batches again.
+  assert produced["train"] < STEPS // 2, produced
+  resumed = _losses(tmp_path / "run")
+  for step in range(STEPS + 1, STEPS + 4):
+    assert resumed[step] == reference[step], step
+
+
+def test_without_a_saved_position_resume_replays_exactly(tmp_path, monkeypatch):
+  produced = _counting(monkeypatch)
+  _train(tmp_path / "run", STEPS + 2, stop_at_step=STEPS)
+  shutil.rmtree(tmp_path / "run" / loop.INPUT_STATE_DIR)  # as an older run left it
+  produced["train"] = 0
+  _train(tmp_path / "run", STEPS + 2)
+  assert produced["train"] >= STEPS + 2
+  _train(tmp_path / "ref", STEPS + 2)
+  assert _losses(tmp_path / "run")[STEPS + 2] == _losses(tmp_path / "ref")[STEPS + 2]
