@@ -3,6 +3,9 @@
 Gin's own errors are accurate but verbose and sometimes obscure (an unset
 `%gin.REQUIRED` macro is reported as 'X/macro.value'); `parse_gin_flags`
 re-raises them as one `GinConfigError` line naming the binding and the fix.
+Gin itself accepts a macro that nothing uses (`--gin.TRAIN_STEP=5` for
+TRAIN_STEPS); `parse_gin_flags` rejects one set by a binding, naming the
+close match.
 """
 from __future__ import annotations
 
@@ -139,6 +142,49 @@ def explain_gin_error(err: Exception) -> Exception:
   return new
 
 
+_MACRO_BINDING = re.compile(r'^\s*([A-Za-z_]\w*)\s*=')
+
+
+def _referenced_macros() -> set[str]:
+  """Names of the macros some binding (or another macro) refers to."""
+  found = set()
+
+  def walk(value):
+    if isinstance(value, gin.config.ConfigurableReference):
+      scope, selector = value.config_key
+      if selector == 'gin.macro':
+        found.add(scope.rsplit('/', 1)[-1])
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+
+  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    for v in params.values():
+      walk(v)
+  return found
+
+
+def check_macros_used(gin_bindings: Sequence[str]) -> None:
+  """GinConfigError for a binding `NAME = ...` whose macro nothing uses."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  used = _referenced_macros()
+  for binding in gin_bindings:
+    for line in binding.splitlines():
+      m = _MACRO_BINDING.match(line)
+      if not m or m.group(1) in used:
+        continue
+      name = m.group(1)
+      close = difflib.get_close_matches(name, sorted(used), n=3)
+      hint = (f" Did you mean {' or '.join(close)}?" if close
+              else f" Macros in use: {sorted(used)}.")
+      raise GinConfigError(
+          f'Gin macro {name} is set (--gin.{name}=...) but no binding uses'
+          f' %{name}: misspelt?{hint}')
+
+
 def parse_gin_flags(
     gin_search_paths: Sequence[str] = (),
     gin_files: Sequence[str] = (),
@@ -166,6 +212,7 @@ def parse_gin_flags(
     if explained is e:
       raise
     raise explained from e
+  check_macros_used(gin_bindings)
 
 
 def summarize_gin_config(model_dir: str | None = None) -> str:

@@ -7,10 +7,22 @@ Resume is exact: the checkpoint holds the train state and the number of
 batches consumed, and the train iterator is rebuilt deterministically (same
 seed, same shuffle) and skips that many batches, so a resumed run sees the
 same batches and computes bit-identical metrics on CPU.
+
+Robustness, in the order a run meets it: MODEL_DIR is locked for this run
+(`run_lock`); the state is restored (a newest step that fails to verify falls
+back to the previous one); only then are config.gin, metrics and
+TensorBoard written, with rows past the restored step dropped. A non-finite
+loss or gradient norm stops the run at that step before anything of it is
+saved (`NonFiniteError`; with OptimizerConfig.skip_nonfinite the update is
+skipped and counted instead). SIGTERM (a preemption) saves at the next step
+boundary and returns; a rerun resumes from there.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -22,6 +34,7 @@ from perl import checkpoints, partitioning
 from perl.data import pipeline
 from perl.trainers import core
 from perl.trainers.metrics import MetricWriter
+from perl.utils import run_lock
 
 BatchFactory = Callable[[int], Iterator[dict]]
 
@@ -127,6 +140,64 @@ def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
                  if k.endswith("tokens") and "target" not in k))
 
 
+def _guarded(name: str) -> bool:
+  return name == "loss" or name.endswith("_loss") or name == "grad_norm"
+
+
+def check_finite_metrics(step: int, metrics: Mapping[str, Any], *,
+                         last_saved: int | None) -> None:
+  """NonFiniteError naming the step and every non-finite loss/grad norm."""
+  bad = {k: float(np.asarray(v)) for k, v in metrics.items()
+         if _guarded(k) and not np.all(np.isfinite(np.asarray(v)))}
+  if bad:
+    where = (f"the last checkpoint is step {last_saved}" if last_saved
+             is not None else "no checkpoint was saved")
+    raise checkpoints.NonFiniteError(
+        f"Step {step}: non-finite " + ", ".join(
+            f"{k}={v}" for k, v in sorted(bad.items()))
+        + f"; stopped, nothing of step {step} saved ({where}). Lower"
+        " LEARNING_RATE (or check the data), or set"
+        " perl.trainers.core.OptimizerConfig.skip_nonfinite=True to skip such"
+        " updates.")
+
+
+class _Preemption:
+  """SIGTERM -> a flag read at the next step boundary (main thread only).
+
+  Multi-host runs use JAX's preemption sync point instead (through Orbax), so
+  that every process saves at the same step.
+  """
+
+  def __init__(self, manager: checkpoints.CheckpointManager):
+    self.manager = manager
+    self.requested = False
+    self._previous = None
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self.manager._latest.reached_preemption(step)  # pylint: disable=protected-access
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(model_dir: str) -> None:
+  """config.gin once the run has restored its state (gin runs only)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from perl import gin_utils  # pylint: disable=g-import-not-at-top
+  text = gin.config_str()
+  if text.strip() and jax.process_index() == 0:
+    gin_utils.write_operative_config(model_dir, text=text)
+
+
 def fit(
     *,
     trainer: core.Trainer,
@@ -149,24 +220,46 @@ def fit(
   end; with best_metric, the state with the highest eval value of that
   metric is also kept under MODEL_DIR/best. stop_at_step ends this process
   early (checkpointed, no final eval or export), as a preemption would: the
-  schedule still spans train_steps, and a rerun resumes.
+  schedule still spans train_steps, and a rerun resumes. A SIGTERM does the
+  same at the next step boundary (summary["preempted"] is True).
   """
   if train_steps < 1:
     raise ValueError(f"TRAIN_STEPS must be >= 1, got {train_steps}.")
+  with run_lock.hold(model_dir, enabled=jax.process_index() == 0):
+    return _fit(trainer=trainer, model_dir=model_dir, train_steps=train_steps,
+                train_batches=train_batches, evaluate=evaluate,
+                eval_every=eval_every, checkpoint=checkpoint,
+                best_metric=best_metric, log_every=log_every, seed=seed,
+                headline=headline, on_finish=on_finish,
+                stop_at_step=stop_at_step)
+
+
+def _fit(*, trainer, model_dir, train_steps, train_batches, evaluate,
+         eval_every, checkpoint, best_metric, log_every, seed, headline,
+         on_finish, stop_at_step) -> dict[str, Any]:
   manager = checkpoints.CheckpointManager(model_dir, checkpoint,
                                           best_metric=best_metric)
   consumed = 0
-  if checkpoint.resume and manager.latest_step() is not None:
-    trainer.state, extra = manager.restore(trainer.state)
-    consumed = int(extra.get("consumed_batches", trainer.step))
-    logging.info("Resumed from %s at step %d", model_dir, trainer.step)
-    print(f"resumed from {model_dir} at step {trainer.step}", flush=True)
+  try:
+    if checkpoint.resume and manager.latest_step() is not None:
+      trainer.state, extra = manager.restore(trainer.state)
+      consumed = int(extra.get("consumed_batches", trainer.step))
+      logging.info("Resumed from %s at step %d", model_dir, trainer.step)
+      print(f"resumed from {model_dir} at step {trainer.step}", flush=True)
+  except BaseException:
+    manager.close()
+    raise
+  _write_config(model_dir)
   writer = MetricWriter(model_dir, total_steps=train_steps,
-                        log_every=log_every, headline=headline)
+                        log_every=log_every, headline=headline,
+                        start_step=trainer.step)
+  preemption = _Preemption(manager)
   rng = jax.random.PRNGKey(seed)
   batches = train_batches(consumed)
   summary: dict[str, Any] = {}
   last_eval_step = None
+  last_saved = manager.latest_step()
+  skip_limit = getattr(trainer, "max_consecutive_skips", None)
 
   def run_eval(step):
     nonlocal last_eval_step
@@ -198,13 +291,28 @@ def fit(
       step = trainer.step
       values = writer.write(step, metrics)
       summary.update(values)
+      if skip_limit is None:
+        check_finite_metrics(step, metrics, last_saved=last_saved)
+      elif int(metrics.get("consecutive_skips", 0)) >= skip_limit:
+        raise checkpoints.NonFiniteError(
+            f"Step {step}: {skip_limit} updates in a row were non-finite and"
+            f" skipped; stopped, nothing of step {step} saved (the last"
+            f" checkpoint is step {last_saved}). Lower LEARNING_RATE.")
       writer.progress(step, values)
       if eval_every and step % eval_every == 0:
         run_eval(step)
-      stopping = stop_at_step is not None and step >= stop_at_step
+      preempted = preemption.reached(step)
+      stopping = preempted or (stop_at_step is not None and step >= stop_at_step)
       if step % checkpoint.save_every == 0 or step == train_steps or stopping:
         manager.save(step, trainer.state,
                      extra={"consumed_batches": consumed})
+        last_saved = step
+      if preempted:
+        print(f"preempted (SIGTERM) at step {step}: saved"
+              f" {os.path.join(model_dir, 'checkpoints', str(step))}; rerun the"
+              " same command to resume.", flush=True)
+        summary.update(step=step, preempted=True)
+        return summary
       if stopping and step < train_steps:
         summary["step"] = step
         return summary
@@ -212,6 +320,7 @@ def fit(
     if on_finish is not None:
       on_finish(trainer)
   finally:
+    preemption.close()
     writer.close()
     manager.close()
   summary["step"] = trainer.step
