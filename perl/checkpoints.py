@@ -368,6 +368,25 @@ def resolve_base_checkpoint(path: str) -> str:
       " (config.json + model.safetensors).")
 
 
+def check_base_checkpoint(path: str) -> None:
+  """Fails in one line if `path` is no readable export or HF checkpoint."""
+  from perl.models import hf_import  # pylint: disable=g-import-not-at-top
+  if hf_import.is_hf_checkpoint(os.path.expanduser(path)):
+    return
+  _read_export_metadata(resolve_base_checkpoint(path))
+
+
+def _read_export_metadata(path: str) -> dict[str, Any]:
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      return _metadata_shapes(ckpt.metadata(path))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpointError(
+        f"BASE_CHECKPOINT {path} does not read ({type(e).__name__}:"
+        f" {_first_line(e)}). Rerun the run that wrote it, or point"
+        " BASE_CHECKPOINT at another export.") from e
+
+
 def load_base(path: str, module: nnx.Module) -> None:
   """Loads exported base weights into `module` in place (sharding kept).
 
@@ -383,14 +402,7 @@ def load_base(path: str, module: nnx.Module) -> None:
   path = resolve_base_checkpoint(path)
   state = nnx.state(module, BASE_PARAMS)
   expected = flatten(_abstract(state))
-  try:
-    with ocp.StandardCheckpointer() as ckpt:
-      found = _metadata_shapes(ckpt.metadata(path))
-  except Exception as e:  # pylint: disable=broad-except
-    raise CorruptCheckpointError(
-        f"BASE_CHECKPOINT {path} does not read ({type(e).__name__}:"
-        f" {_first_line(e)}). Rerun the run that wrote it, or point"
-        " BASE_CHECKPOINT at another export.") from e
+  found = _read_export_metadata(path)
   # A RewardModule export (backbone.* + head.*, e.g. Hydra-SFT's) loaded into
   # a bare Transformer: its backbone is the base, its head is skipped.
   prefix = ""

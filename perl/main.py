@@ -172,6 +172,23 @@ def _one_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def _import_tensorflow_quietly() -> None:
+  """Imports TF with stderr closed: its C++ start-up lines (oneDNN, no CUDA
+  drivers) come before absl's log set-up and ignore TF_CPP_MIN_LOG_LEVEL."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('tensorflow') is None:
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def _has_run_fn_binding(bindings: Sequence[str]) -> bool:
   return any(b.split('=', 1)[0].strip() in _RUN_FN_SELECTORS
              for b in bindings)
@@ -180,6 +197,8 @@ def _has_run_fn_binding(bindings: Sequence[str]) -> bool:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.verbosity < 0:
+    _import_tensorflow_quietly()
   from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top
   # Before TF or JAX touch a device: TF must not grab accelerator memory, and
   # jax_platforms only takes effect before the first backend use.
@@ -230,13 +249,14 @@ class _QuietGinSearch(logging_std.Filter):
     return not str(record.msg).startswith('Path not found')
 
 
-def _quiet_by_default(argv: Sequence[str]) -> None:
-  """Warnings and up unless --verbosity/-v is given."""
+def _quiet_by_default(argv: list[str]) -> None:
+  """Warnings and up unless --verbosity/-v is given (argv edited in place)."""
   if any(a.startswith(('--verbosity', '-v=', '--v=')) or a == '-v'
          for a in argv[1:]):
     return
-  FLAGS.set_default('verbosity', -1)  # absl WARNING: no Orbax/absl INFO
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  argv.insert(1, '--verbosity=-1')  # absl WARNING: no Orbax/absl INFO
+  # TensorFlow/XLA C++ start-up chatter (oneDNN, "no CUDA drivers").
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   logging_std.getLogger().addFilter(_QuietGinSearch())
 
 

@@ -39,6 +39,40 @@ from perl.utils import run_lock
 BatchFactory = Callable[[int], Iterator[dict]]
 
 
+def check_inputs(*, task: str, splits: tuple[str, ...],
+                 feature_lengths: Mapping[str, int],
+                 base_checkpoints: tuple[str | None, ...] = ()) -> None:
+  """Reads one example of every split and checks every base checkpoint, so
+  that missing data or a bad checkpoint fails in one line before a model is
+  built (and before MODEL_DIR is touched)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for split in dict.fromkeys(splits):
+    try:
+      ds = pipeline.get_dataset(task=task, split=split,
+                                feature_lengths=feature_lengths,
+                                shuffle=False, num_epochs=1)
+      first = next(iter(ds.take(1).as_numpy_iterator()), None)
+    except tf.errors.OpError as e:
+      raise ValueError(f"Task {task!r}, split {split!r} does not read: "
+                       f"{_op_error_text(e)}") from e
+    if first is None:
+      raise ValueError(f"Task {task!r}, split {split!r} has no examples: "
+                       "check the data files and the split name.")
+  for path in base_checkpoints:
+    if path:
+      checkpoints.check_base_checkpoint(path)
+
+
+def _op_error_text(e: Exception) -> str:
+  """The Python error inside a tf.data error, not TF's wrapper."""
+  text = getattr(e, "message", str(e))
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  for line in reversed(lines):
+    if "Error: " in line and not line.startswith(("[[", "File ")):
+      return line
+  return lines[0] if lines else type(e).__name__
+
+
 def train_batches(
     *, task: str, feature_lengths: Mapping[str, int], batch_size: int,
     partitioner: partitioning.Partitioner, seed: int, split: str = "train",
