@@ -13,6 +13,7 @@ import ast
 import importlib.util  # noqa: F401  gin uses importlib.util without importing it
 import os
 import re
+import tokenize
 from collections.abc import Sequence
 
 import gin
@@ -185,6 +186,22 @@ def check_macros_used(gin_bindings: Sequence[str]) -> None:
           f' %{name}: misspelt?{hint}')
 
 
+def _unparsable_binding(bindings: Sequence[str]) -> tuple[str, str] | None:
+  """(binding, problem) of the first binding gin cannot parse, if any."""
+  from gin import config_parser  # pylint: disable=g-import-not-at-top
+  for binding in bindings:
+    try:
+      for _ in config_parser.ConfigParser(
+          binding, gin.config.ParserDelegate(skip_unknown=True)):
+        pass
+    except (SyntaxError, tokenize.TokenError) as e:
+      problem = e.msg if isinstance(e, SyntaxError) else e.args[0]
+      return binding, problem
+    except Exception:  # pylint: disable=broad-except
+      continue
+  return None
+
+
 def parse_gin_flags(
     gin_search_paths: Sequence[str] = (),
     gin_files: Sequence[str] = (),
@@ -207,7 +224,13 @@ def parse_gin_flags(
     gin.parse_config_files_and_bindings(
         files, list(gin_bindings), skip_unknown=skip_unknown,
         finalize_config=finalize_config)
-  except (ValueError, OSError, TypeError, SyntaxError) as e:
+  except (ValueError, OSError, TypeError, SyntaxError, tokenize.TokenError) as e:
+    bad = _unparsable_binding(gin_bindings)
+    if bad is not None:
+      raise GinConfigError(
+          f'Gin binding {bad[0]!r} does not parse ({bad[1]}): write'
+          " --gin.NAME=VALUE with VALUE in gin syntax (e.g. 10, 'text',"
+          ' [1, 2], @configurable()).') from e
     explained = explain_gin_error(e)
     if explained is e:
       raise

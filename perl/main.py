@@ -172,6 +172,27 @@ def _one_line(e: BaseException) -> str:
   return lines[0] if lines else type(e).__name__
 
 
+def _check_model_dir_free(bindings: Sequence[str]) -> None:
+  """A MODEL_DIR given on the command line that a live run holds fails now,
+  in a second, not after the imports and the gin parse."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from perl.utils import run_lock  # pylint: disable=g-import-not-at-top
+  for binding in bindings:
+    name, _, value = binding.partition('=')
+    if name.strip() not in ('MODEL_DIR', 'run.model_dir',
+                            'perl.main.run.model_dir'):
+      continue
+    try:
+      model_dir = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      continue
+    if isinstance(model_dir, str) and '://' not in model_dir:
+      try:
+        run_lock.check_free(model_dir)
+      except run_lock.ModelDirLockedError as e:
+        sys.exit(f'perl.main: {e}')
+
+
 def _import_tensorflow_quietly() -> None:
   """Imports TF with stderr closed: its C++ start-up lines (oneDNN, no CUDA
   drivers) come before absl's log set-up and ignore TF_CPP_MIN_LOG_LEVEL."""
@@ -197,6 +218,7 @@ def _has_run_fn_binding(bindings: Sequence[str]) -> bool:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_model_dir_free(_GIN_BINDINGS.value)
   if FLAGS.verbosity < 0:
     _import_tensorflow_quietly()
   from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top

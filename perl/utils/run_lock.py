@@ -52,6 +52,27 @@ def _read(path: str) -> dict:
     return {}
 
 
+def check_free(model_dir: str) -> None:
+  """Raises ModelDirLockedError if a live run holds MODEL_DIR (writes
+  nothing; for failing fast before a run's slow start-up)."""
+  path = os.path.join(os.path.abspath(model_dir), LOCK_NAME)
+  if path in _held or not os.path.exists(path):
+    return
+  holder = _read(path)
+  pid, host = holder.get("pid"), holder.get("host")
+  if host == socket.gethostname() and isinstance(pid, int) and not _alive(pid):
+    return  # stale: acquire() takes it over
+  raise _locked(os.path.abspath(model_dir), path, holder)
+
+
+def _locked(model_dir: str, path: str, holder: dict) -> ModelDirLockedError:
+  return ModelDirLockedError(
+      f"MODEL_DIR {model_dir} is in use by pid {holder.get('pid')} on host"
+      f" {holder.get('host')} (since {holder.get('started', '?')}): wait for"
+      " that run to end, stop it, or use another MODEL_DIR. If it is dead,"
+      f" delete {path}.")
+
+
 def acquire(model_dir: str) -> bool:
   """Takes MODEL_DIR's lock; True if it created MODEL_DIR to do so."""
   model_dir = os.path.abspath(model_dir)
@@ -75,11 +96,7 @@ def acquire(model_dir: str) -> bool:
         with contextlib.suppress(FileNotFoundError):
           os.remove(path)
         continue
-      raise ModelDirLockedError(
-          f"MODEL_DIR {model_dir} is in use by pid {pid} on host {host}"
-          f" (since {holder.get('started', '?')}): wait for that run to end,"
-          f" stop it, or use another MODEL_DIR. If it is dead, delete {path}."
-      ) from None
+      raise _locked(model_dir, path, holder) from None
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
     _held[path] = 1
