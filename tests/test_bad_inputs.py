@@ -367,8 +367,8 @@ def test_base_checkpoint_of_another_model_size(tmp_path):
                                    _module(), None)
   before = snapshot(path)
   with pytest.raises(checkpoints.CheckpointMismatchError,
-                     match=r"parameter 'embedder.embedding' has shape \(259, 16\)"
-                     r" but the model expects \(259, 32\).*MODEL_CONFIG"):
+                     match=r"parameter 'blocks.0.attn.k.kernel' has shape \(16, 8\)"
+                     r" but the model expects \(32, 8\).*MODEL_CONFIG"):
     checkpoints.load_base(str(tmp_path / "run"), _module(embed_dim=32))
   assert snapshot(path) == before
 
