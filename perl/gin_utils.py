@@ -3,6 +3,9 @@
 Gin's own errors are accurate but verbose and sometimes obscure (an unset
 `%gin.REQUIRED` macro is reported as 'X/macro.value'); `parse_gin_flags`
 re-raises them as one `GinConfigError` line naming the binding and the fix.
+Gin itself accepts a macro that nothing uses (`--gin.TRAIN_STEP=5` for
+TRAIN_STEPS); `parse_gin_flags` rejects one set by a binding, naming the
+close match.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import ast
 import importlib.util  # noqa: F401  gin uses importlib.util without importing it
 import os
 import re
+import tokenize
 from collections.abc import Sequence
 
 import gin
@@ -139,6 +143,65 @@ def explain_gin_error(err: Exception) -> Exception:
   return new
 
 
+_MACRO_BINDING = re.compile(r'^\s*([A-Za-z_]\w*)\s*=')
+
+
+def _referenced_macros() -> set[str]:
+  """Names of the macros some binding (or another macro) refers to."""
+  found = set()
+
+  def walk(value):
+    if isinstance(value, gin.config.ConfigurableReference):
+      scope, selector = value.config_key
+      if selector == 'gin.macro':
+        found.add(scope.rsplit('/', 1)[-1])
+    elif isinstance(value, dict):
+      for v in value.values():
+        walk(v)
+    elif isinstance(value, (list, tuple, set)):
+      for v in value:
+        walk(v)
+
+  for params in gin.config._CONFIG.values():  # pylint: disable=protected-access
+    for v in params.values():
+      walk(v)
+  return found
+
+
+def check_macros_used(gin_bindings: Sequence[str]) -> None:
+  """GinConfigError for a binding `NAME = ...` whose macro nothing uses."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  used = _referenced_macros()
+  for binding in gin_bindings:
+    for line in binding.splitlines():
+      m = _MACRO_BINDING.match(line)
+      if not m or m.group(1) in used:
+        continue
+      name = m.group(1)
+      close = difflib.get_close_matches(name, sorted(used), n=3)
+      hint = (f" Did you mean {' or '.join(close)}?" if close
+              else f" Macros in use: {sorted(used)}.")
+      raise GinConfigError(
+          f'Gin macro {name} is set (--gin.{name}=...) but no binding uses'
+          f' %{name}: misspelt?{hint}')
+
+
+def _unparsable_binding(bindings: Sequence[str]) -> tuple[str, str] | None:
+  """(binding, problem) of the first binding gin cannot parse, if any."""
+  from gin import config_parser  # pylint: disable=g-import-not-at-top
+  for binding in bindings:
+    try:
+      for _ in config_parser.ConfigParser(
+          binding, gin.config.ParserDelegate(skip_unknown=True)):
+        pass
+    except (SyntaxError, tokenize.TokenError) as e:
+      problem = e.msg if isinstance(e, SyntaxError) else e.args[0]
+      return binding, problem
+    except Exception:  # pylint: disable=broad-except
+      continue
+  return None
+
+
 def parse_gin_flags(
     gin_search_paths: Sequence[str] = (),
     gin_files: Sequence[str] = (),
@@ -161,11 +224,18 @@ def parse_gin_flags(
     gin.parse_config_files_and_bindings(
         files, list(gin_bindings), skip_unknown=skip_unknown,
         finalize_config=finalize_config)
-  except (ValueError, OSError, TypeError, SyntaxError) as e:
+  except (ValueError, OSError, TypeError, SyntaxError, tokenize.TokenError) as e:
+    bad = _unparsable_binding(gin_bindings)
+    if bad is not None:
+      raise GinConfigError(
+          f'Gin binding {bad[0]!r} does not parse ({bad[1]}): write'
+          " --gin.NAME=VALUE with VALUE in gin syntax (e.g. 10, 'text',"
+          ' [1, 2], @configurable()).') from e
     explained = explain_gin_error(e)
     if explained is e:
       raise
     raise explained from e
+  check_macros_used(gin_bindings)
 
 
 def summarize_gin_config(model_dir: str | None = None) -> str:

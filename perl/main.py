@@ -9,6 +9,12 @@ devices, the mesh and one sharded forward pass. `--gin.NAME=VALUE` is
 shorthand for `--gin_bindings='NAME = VALUE'`; bare strings (paths) need no
 quotes. Multi-host: --coordinator_address/--process_count/--process_index (or
 JAX_COORDINATOR_ADDRESS/...); TPU pods and SLURM are detected automatically.
+
+Known user errors (a bad flag or gin binding, missing data, an unknown task,
+a checkpoint that does not fit, a locked MODEL_DIR, a run gone non-finite)
+print one line `perl.main: ...` and exit 1. Logs are quiet by default
+(warnings and up); --verbosity=0 brings back absl/Orbax INFO and gin's
+search-path messages, --verbosity=1 also the traceback of a user error.
 """
 import sys
 
@@ -19,6 +25,7 @@ if __name__ == '__main__':
   from perl import main as _main  # pylint: disable=import-self
   _main.console_entry()
 
+import logging as logging_std  # pylint: disable=g-import-not-at-top,wrong-import-position
 import os  # pylint: disable=g-import-not-at-top,wrong-import-position
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -63,16 +70,20 @@ def run(fn: Callable[[], Any] = gin.REQUIRED, *,
         model_dir: str | None = None) -> Any:
   """Calls the gin-bound `fn` (a trainer, evaluator, ... or `smoke`).
 
-  With model_dir, MODEL_DIR/config.gin gets the parsed config at start (a
-  record even if fn crashes) and the operative config (what was actually
-  used, defaults included) when fn returns. Trainers may call
-  `write_operative_config(model_dir)` themselves once set up.
+  With model_dir, this process holds MODEL_DIR's lock while fn runs (a
+  second run on it fails at once, naming the holder), and MODEL_DIR/config.gin
+  gets the operative config (what was actually used, defaults included) when
+  fn returns. Trainers write the parsed config earlier, once they have
+  validated their inputs and restored their state (loop.fit).
   """
-  if model_dir:
-    _write_config_on_process_0(model_dir, gin.config_str())
-  result = fn()
-  if model_dir:
-    _write_config_on_process_0(model_dir, None)
+  if not model_dir:
+    return fn()
+  import jax  # pylint: disable=g-import-not-at-top
+  from perl.utils import run_lock  # pylint: disable=g-import-not-at-top
+  with run_lock.hold(model_dir, enabled=jax.process_index() == 0):
+    result = fn()
+    if not (isinstance(result, dict) and result.get('preempted')):
+      _write_config_on_process_0(model_dir, None)
   return result
 
 
@@ -147,6 +158,58 @@ def smoke(*, mesh: str = 'data=-1', use_model: bool = True,
           'mesh': dict(partitioner.mesh.shape)}
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  """Errors that mean bad input, not a bug: reported in one line."""
+  from perl import checkpoints  # pylint: disable=g-import-not-at-top
+  from perl.utils import run_lock  # pylint: disable=g-import-not-at-top
+  return (gin_utils.GinConfigError, checkpoints.CheckpointMismatchError,
+          checkpoints.NonFiniteError, checkpoints.CorruptCheckpointError,
+          run_lock.ModelDirLockedError, FileNotFoundError, ValueError)
+
+
+def _one_line(e: BaseException) -> str:
+  lines = [l for l in str(e).strip().splitlines() if l.strip()]
+  return lines[0] if lines else type(e).__name__
+
+
+def _check_model_dir_free(bindings: Sequence[str]) -> None:
+  """A MODEL_DIR given on the command line that a live run holds fails now,
+  in a second, not after the imports and the gin parse."""
+  import ast  # pylint: disable=g-import-not-at-top
+  from perl.utils import run_lock  # pylint: disable=g-import-not-at-top
+  for binding in bindings:
+    name, _, value = binding.partition('=')
+    if name.strip() not in ('MODEL_DIR', 'run.model_dir',
+                            'perl.main.run.model_dir'):
+      continue
+    try:
+      model_dir = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      continue
+    if isinstance(model_dir, str) and '://' not in model_dir:
+      try:
+        run_lock.check_free(model_dir)
+      except run_lock.ModelDirLockedError as e:
+        sys.exit(f'perl.main: {e}')
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TF with stderr closed: its C++ start-up lines (oneDNN, no CUDA
+  drivers) come before absl's log set-up and ignore TF_CPP_MIN_LOG_LEVEL."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  if importlib.util.find_spec('tensorflow') is None:
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,import-outside-toplevel  # noqa: F401
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def _has_run_fn_binding(bindings: Sequence[str]) -> bool:
   return any(b.split('=', 1)[0].strip() in _RUN_FN_SELECTORS
              for b in bindings)
@@ -155,6 +218,9 @@ def _has_run_fn_binding(bindings: Sequence[str]) -> bool:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  _check_model_dir_free(_GIN_BINDINGS.value)
+  if FLAGS.verbosity < 0:
+    _import_tensorflow_quietly()
   from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top
   # Before TF or JAX touch a device: TF must not grab accelerator memory, and
   # jax_platforms only takes effect before the first backend use.
@@ -179,9 +245,11 @@ def main(argv: Sequence[str]) -> None:
     search_paths.append(repo_configs)
   try:
     gin_utils.parse_gin_flags(search_paths, _GIN_FILE.value or [], bindings)
-  except gin_utils.GinConfigError as e:
-    sys.exit(f'perl.main: {e}')
-  run()  # pylint: disable=no-value-for-parameter
+    run()  # pylint: disable=no-value-for-parameter
+  except _user_errors() as e:
+    if FLAGS.verbosity >= 1:
+      raise
+    sys.exit(f'perl.main: {_one_line(e)}')
 
 
 _HELP_ARGS = ('-h', '--help', '--helpshort', '-?')
@@ -195,9 +263,29 @@ def _flags_parser(argv: Sequence[str]) -> list[str]:
   return app.parse_flags_with_usage(argv)
 
 
+class _QuietGinSearch(logging_std.Filter):
+  """Drops gin's `Path not found: <file>` errors: it logs one for every
+  search path it tries before the one that holds the file."""
+
+  def filter(self, record):
+    return not str(record.msg).startswith('Path not found')
+
+
+def _quiet_by_default(argv: list[str]) -> None:
+  """Warnings and up unless --verbosity/-v is given (argv edited in place)."""
+  if any(a.startswith(('--verbosity', '-v=', '--v=')) or a == '-v'
+         for a in argv[1:]):
+    return
+  argv.insert(1, '--verbosity=-1')  # absl WARNING: no Orbax/absl INFO
+  # TensorFlow/XLA C++ start-up chatter (oneDNN, "no CUDA drivers").
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  logging_std.getLogger().addFilter(_QuietGinSearch())
+
+
 def console_entry(argv: Sequence[str] | None = None) -> None:
   """Runs main under absl; `--help` prints perl.main's flags and exits 0."""
   argv = list(sys.argv if argv is None else argv)
+  _quiet_by_default(argv)
   if any(a in _HELP_ARGS for a in argv[1:]):
     # absl's own --help exits 1; asking for help is not an error.
     print(__doc__)

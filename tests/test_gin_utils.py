@@ -114,3 +114,31 @@ def test_include_beside_a_plain_directory_of_that_name(tmp_path, monkeypatch):
   monkeypatch.syspath_prepend(str(tmp_path))
   gin_utils.parse_gin_flags([str(tmp_path / 'configs')], ['exp.gin'], [])
   assert gin.query_parameter('test_gin_utils.toy_train.steps') == 3
+
+
+def test_misspelt_macro_fails_naming_the_close_match():
+  with pytest.raises(gin_utils.GinConfigError) as e:
+    gin_utils.parse_gin_flags(
+        [], [], ['TRAIN_STEPS = 300', 'toy_train.steps = %TRAIN_STEPS',
+                 'TRAIN_STEP = 5'])
+  assert str(e.value) == (
+      'Gin macro TRAIN_STEP is set (--gin.TRAIN_STEP=...) but no binding uses'
+      ' %TRAIN_STEP: misspelt? Did you mean TRAIN_STEPS?')
+
+
+def test_macro_used_only_through_another_macro_is_accepted():
+  gin_utils.parse_gin_flags(
+      [], [], ['LR = 0.5', 'RATES = [%LR, {"x": %LR}]',
+               'toy_train.learning_rate = %RATES'])
+  assert toy_train()[1] == [0.5, {'x': 0.5}]
+
+
+def test_experiment_misspelt_macro_names_train_steps():
+  import os  # pylint: disable=g-import-not-at-top
+  configs = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), 'configs')
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=r'macro TRAIN_STEP .*Did you mean TRAIN_STEPS'):
+    gin_utils.parse_gin_flags(
+        [configs], ['experiments/synthetic_sft.gin'],
+        ["MODEL_DIR = '/tmp/x'", 'TRAIN_STEP = 5'])

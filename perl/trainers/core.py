@@ -56,6 +56,11 @@ class OptimizerConfig:
   b2: float = 0.999
   # Clip gradients to this global norm; None disables.
   grad_clip_norm: float | None = 1.0
+  # Non-finite gradients: False stops the run (loop.fit raises at that step);
+  # True skips the update (optax.apply_if_finite) and counts skips.
+  skip_nonfinite: bool = False
+  # With skip_nonfinite, stop after this many skipped updates in a row.
+  max_consecutive_skips: int = 10
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
@@ -85,7 +90,12 @@ def make_optimizer(config: OptimizerConfig, total_steps: int
     parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
   parts.append(optax.adamw(schedule, b1=config.b1, b2=config.b2,
                            weight_decay=config.weight_decay))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  if config.skip_nonfinite:
+    # loop.fit stops at max_consecutive_skips, before apply_if_finite would
+    # apply a non-finite update anyway.
+    tx = optax.apply_if_finite(tx, config.max_consecutive_skips)
+  return tx, schedule
 
 
 @flax.struct.dataclass
@@ -176,6 +186,10 @@ class Trainer:
           "LoRA training give the model an adapter; otherwise train the full "
           "model (finetune='full').")
     self.tx, self.schedule = make_optimizer(optimizer, total_steps)
+    # loop.fit: None stops on a non-finite loss; a number tolerates that many
+    # skipped updates in a row.
+    self.max_consecutive_skips = (optimizer.max_consecutive_skips
+                                  if optimizer.skip_nonfinite else None)
     mesh = partitioner.mesh
     self.params_shardings = partitioner.state_shardings(params)
     self.frozen_shardings = partitioner.state_shardings(self.frozen)
@@ -246,6 +260,9 @@ class Trainer:
     out = {k: s / jnp.maximum(c, 1e-9) for k, (s, c) in metrics.items()}
     out.update(loss=loss_sum / denom, grad_norm=grad_norm,
                learning_rate=self.schedule(state.step), denominator=denom)
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+      out.update(skipped_updates=opt_state.total_notfinite,
+                 consecutive_skips=opt_state.notfinite_count)
     return TrainState(step=state.step + 1, params=params,
                       opt_state=opt_state), out
 

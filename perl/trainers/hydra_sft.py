@@ -190,6 +190,9 @@ def train(
     raise ValueError(
         f"Task {mixture_or_task_name!r} is a {kind!r} task; Hydra-SFT needs a "
         "preference task (prompt, chosen, rejected), e.g. synthetic_preference.")
+  loop.check_inputs(task=mixture_or_task_name, splits=("train", eval_split),
+                    feature_lengths=task_feature_lengths,
+                    base_checkpoints=(base_checkpoint,))
   partitioner = partitioning.Partitioner(mesh)
   module = reward_model.build(
       model_config=model_config, finetune=finetune, lora=lora,

@@ -9,12 +9,23 @@ pipeline's position (tf.data iterator state), so a resumed run restores the
 iterator there (no replay of the batches before it), sees the same batches
 and computes bit-identical metrics on CPU. Without a saved position (an older
 run) the iterator is rebuilt deterministically and skips the consumed batches.
+
+Robustness, in the order a run meets it: MODEL_DIR is locked for this run
+(`run_lock`); the state is restored (a newest step that fails to verify falls
+back to the previous one); only then are config.gin, metrics and
+TensorBoard written, with rows past the restored step dropped. A non-finite
+loss or gradient norm stops the run at that step before anything of it is
+saved (`NonFiniteError`; with OptimizerConfig.skip_nonfinite the update is
+skipped and counted instead). SIGTERM (a preemption) saves at the next step
+boundary and returns; a rerun resumes from there.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -26,8 +37,43 @@ from perl import checkpoints, partitioning
 from perl.data import pipeline
 from perl.trainers import core
 from perl.trainers.metrics import MetricWriter
+from perl.utils import run_lock
 
 BatchFactory = Callable[..., Iterator[dict]]  # (skip[, input_state]) -> batches
+
+
+def check_inputs(*, task: str, splits: tuple[str, ...],
+                 feature_lengths: Mapping[str, int],
+                 base_checkpoints: tuple[str | None, ...] = ()) -> None:
+  """Reads one example of every split and checks every base checkpoint, so
+  that missing data or a bad checkpoint fails in one line before a model is
+  built (and before MODEL_DIR is touched)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  for split in dict.fromkeys(splits):
+    try:
+      ds = pipeline.get_dataset(task=task, split=split,
+                                feature_lengths=feature_lengths,
+                                shuffle=False, num_epochs=1)
+      first = next(iter(ds.take(1).as_numpy_iterator()), None)
+    except tf.errors.OpError as e:
+      raise ValueError(f"Task {task!r}, split {split!r} does not read: "
+                       f"{_op_error_text(e)}") from e
+    if first is None:
+      raise ValueError(f"Task {task!r}, split {split!r} has no examples: "
+                       "check the data files and the split name.")
+  for path in base_checkpoints:
+    if path:
+      checkpoints.check_base_checkpoint(path)
+
+
+def _op_error_text(e: Exception) -> str:
+  """The Python error inside a tf.data error, not TF's wrapper."""
+  text = getattr(e, "message", str(e))
+  lines = [l.strip() for l in text.splitlines() if l.strip()]
+  for line in reversed(lines):
+    if "Error: " in line and not line.startswith(("[[", "File ")):
+      return line
+  return lines[0] if lines else type(e).__name__
 
 
 def train_batches(
@@ -198,6 +244,64 @@ def _batch_tokens(batch: Mapping[str, np.ndarray]) -> int:
                  if k.endswith("tokens") and "target" not in k))
 
 
+def _guarded(name: str) -> bool:
+  return name == "loss" or name.endswith("_loss") or name == "grad_norm"
+
+
+def check_finite_metrics(step: int, metrics: Mapping[str, Any], *,
+                         last_saved: int | None) -> None:
+  """NonFiniteError naming the step and every non-finite loss/grad norm."""
+  bad = {k: float(np.asarray(v)) for k, v in metrics.items()
+         if _guarded(k) and not np.all(np.isfinite(np.asarray(v)))}
+  if bad:
+    where = (f"the last checkpoint is step {last_saved}" if last_saved
+             is not None else "no checkpoint was saved")
+    raise checkpoints.NonFiniteError(
+        f"Step {step}: non-finite " + ", ".join(
+            f"{k}={v}" for k, v in sorted(bad.items()))
+        + f"; stopped, nothing of step {step} saved ({where}). Lower"
+        " LEARNING_RATE (or check the data), or set"
+        " perl.trainers.core.OptimizerConfig.skip_nonfinite=True to skip such"
+        " updates.")
+
+
+class _Preemption:
+  """SIGTERM -> a flag read at the next step boundary (main thread only).
+
+  Multi-host runs use JAX's preemption sync point instead (through Orbax), so
+  that every process saves at the same step.
+  """
+
+  def __init__(self, manager: checkpoints.CheckpointManager):
+    self.manager = manager
+    self.requested = False
+    self._previous = None
+    if (jax.process_count() == 1
+        and threading.current_thread() is threading.main_thread()):
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return self.manager._latest.reached_preemption(step)  # pylint: disable=protected-access
+    return self.requested
+
+  def close(self) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(model_dir: str) -> None:
+  """config.gin once the run has restored its state (gin runs only)."""
+  import gin  # pylint: disable=g-import-not-at-top
+  from perl import gin_utils  # pylint: disable=g-import-not-at-top
+  text = gin.config_str()
+  if text.strip() and jax.process_index() == 0:
+    gin_utils.write_operative_config(model_dir, text=text)
+
+
 def fit(
     *,
     trainer: core.Trainer,
@@ -220,21 +324,41 @@ def fit(
   end; with best_metric, the state with the highest eval value of that
   metric is also kept under MODEL_DIR/best. stop_at_step ends this process
   early (checkpointed, no final eval or export), as a preemption would: the
-  schedule still spans train_steps, and a rerun resumes.
+  schedule still spans train_steps, and a rerun resumes. A SIGTERM does the
+  same at the next step boundary (summary["preempted"] is True).
   """
   if train_steps < 1:
     raise ValueError(f"TRAIN_STEPS must be >= 1, got {train_steps}.")
+  with run_lock.hold(model_dir, enabled=jax.process_index() == 0):
+    return _fit(trainer=trainer, model_dir=model_dir, train_steps=train_steps,
+                train_batches=train_batches, evaluate=evaluate,
+                eval_every=eval_every, checkpoint=checkpoint,
+                best_metric=best_metric, log_every=log_every, seed=seed,
+                headline=headline, on_finish=on_finish,
+                stop_at_step=stop_at_step)
+
+
+def _fit(*, trainer, model_dir, train_steps, train_batches, evaluate,
+         eval_every, checkpoint, best_metric, log_every, seed, headline,
+         on_finish, stop_at_step) -> dict[str, Any]:
   manager = checkpoints.CheckpointManager(model_dir, checkpoint,
                                           best_metric=best_metric)
   consumed = 0
-  if checkpoint.resume and manager.latest_step() is not None:
-    trainer.state, extra = manager.restore(trainer.state)
-    trainer.restore_extra(extra)
-    consumed = int(extra.get("consumed_batches", trainer.step))
-    logging.info("Resumed from %s at step %d", model_dir, trainer.step)
-    print(f"resumed from {model_dir} at step {trainer.step}", flush=True)
+  try:
+    if checkpoint.resume and manager.latest_step() is not None:
+      trainer.state, extra = manager.restore(trainer.state)
+      trainer.restore_extra(extra)
+      consumed = int(extra.get("consumed_batches", trainer.step))
+      logging.info("Resumed from %s at step %d", model_dir, trainer.step)
+      print(f"resumed from {model_dir} at step {trainer.step}", flush=True)
+  except BaseException:
+    manager.close()
+    raise
+  _write_config(model_dir)
   writer = MetricWriter(model_dir, total_steps=train_steps,
-                        log_every=log_every, headline=headline)
+                        log_every=log_every, headline=headline,
+                        start_step=trainer.step)
+  preemption = _Preemption(manager)
   rng = jax.random.PRNGKey(seed)
   input_state = (restored_input_state(model_dir, trainer.step)
                  if consumed else None)
@@ -242,6 +366,8 @@ def fit(
              else train_batches(consumed))
   summary: dict[str, Any] = {}
   last_eval_step = None
+  last_saved = manager.latest_step()
+  skip_limit = getattr(trainer, "max_consecutive_skips", None)
 
   def run_eval(step):
     nonlocal last_eval_step
@@ -274,15 +400,30 @@ def fit(
       step = trainer.step
       values = writer.write(step, metrics)
       summary.update(values)
+      if skip_limit is None:
+        check_finite_metrics(step, metrics, last_saved=last_saved)
+      elif int(metrics.get("consecutive_skips", 0)) >= skip_limit:
+        raise checkpoints.NonFiniteError(
+            f"Step {step}: {skip_limit} updates in a row were non-finite and"
+            f" skipped; stopped, nothing of step {step} saved (the last"
+            f" checkpoint is step {last_saved}). Lower LEARNING_RATE.")
       writer.progress(step, values)
       if eval_every and step % eval_every == 0:
         run_eval(step)
-      stopping = stop_at_step is not None and step >= stop_at_step
+      preempted = preemption.reached(step)
+      stopping = preempted or (stop_at_step is not None and step >= stop_at_step)
       if step % checkpoint.save_every == 0 or step == train_steps or stopping:
         manager.save(step, trainer.state,
                      extra={"consumed_batches": consumed,
                             **trainer.checkpoint_extra()})
         save_input_state(batches, model_dir, step, manager.all_steps())
+        last_saved = step
+      if preempted:
+        print(f"preempted (SIGTERM) at step {step}: saved"
+              f" {os.path.join(model_dir, 'checkpoints', str(step))}; rerun the"
+              " same command to resume.", flush=True)
+        summary.update(step=step, preempted=True)
+        return summary
       if stopping and step < train_steps:
         summary["step"] = step
         return summary
@@ -290,6 +431,7 @@ def fit(
     if on_finish is not None:
       on_finish(trainer)
   finally:
+    preemption.close()
     writer.close()
     manager.close()
   summary["step"] = trainer.step

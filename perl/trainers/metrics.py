@@ -3,7 +3,10 @@
 `MetricWriter` sends every scalar to TensorBoard (tensorboardX event files),
 appends one JSON object per call to MODEL_DIR/metrics.jsonl, and prints a
 progress line (step, steps/s, ETA, a few headline metrics) every
-`log_every` steps. Only process 0 writes.
+`log_every` steps. Only process 0 writes. metrics.jsonl is strict JSON
+(a non-finite value is written as null). A resumed run passes the restored
+step as `start_step`: rows past it are dropped from metrics.jsonl and
+TensorBoard purges its events past it, so every step is logged once.
 """
 
 from __future__ import annotations
@@ -39,11 +42,37 @@ def _scalar(value) -> float:
   return float(np.asarray(value))
 
 
+def _json_value(v: float) -> float | None:
+  return v if np.isfinite(v) else None
+
+
+def _truncate_jsonl(path: str, start_step: int) -> None:
+  """Keeps the rows of metrics.jsonl up to start_step (a resume point)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a row cut short by a kill
+    if isinstance(row, dict) and row.get("step", 0) <= start_step:
+      kept.append(json.dumps(row) + "\n")
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class MetricWriter:
   """TensorBoard + metrics.jsonl + console progress for one run."""
 
   def __init__(self, model_dir: str, *, total_steps: int, log_every: int = 10,
-               headline: tuple[str, ...] = ("loss", "accuracy")):
+               headline: tuple[str, ...] = ("loss", "accuracy"),
+               start_step: int = 0):
     self.total_steps = total_steps
     self.log_every = max(1, log_every)
     self.headline = headline
@@ -55,8 +84,13 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(model_dir, exist_ok=True)
-      self._tb = SummaryWriter(logdir=os.path.join(model_dir, "tensorboard"))
-      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")
+      jsonl = os.path.join(model_dir, "metrics.jsonl")
+      _truncate_jsonl(jsonl, start_step)
+      logdir = os.path.join(model_dir, "tensorboard")
+      self._tb = SummaryWriter(
+          logdir=logdir,
+          purge_step=start_step + 1 if os.path.isdir(logdir) else None)
+      self._jsonl = open(jsonl, "a")
 
   def write(self, step: int, metrics: Mapping[str, float], *,
             prefix: str = "train") -> dict[str, float]:
@@ -66,7 +100,8 @@ class MetricWriter:
       return values
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    row = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
+    self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
     self._jsonl.flush()
     return values
 

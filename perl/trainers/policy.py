@@ -677,6 +677,12 @@ def train(
   if kind != "prompts":
     raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; RL needs a "
                      "prompts task (e.g. synthetic_prompts, taskmaster4_prompts).")
+  # Missing data or checkpoints fail in one line, before any model is built.
+  loop.check_inputs(
+      task=mixture_or_task_name, splits=("train", eval_split),
+      feature_lengths=task_feature_lengths,
+      base_checkpoints=(base_checkpoint, None if reward_model_config is None
+                        else reward_checkpoint))
   policy_lora = policy_lora or LoRAConfig()
   # PERL: the value model is a LoRA adapter of the policy's rank.
   value_lora = (value_lora or policy_lora) if rl.uses_value else None

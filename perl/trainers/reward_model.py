@@ -205,6 +205,9 @@ def train(
         f"Task {mixture_or_task_name!r} is a {kind!r} task; a reward model "
         "needs a preference or pointwise task (e.g. synthetic_preference, "
         "taskmaster4_pointwise).")
+  loop.check_inputs(task=mixture_or_task_name, splits=("train", eval_split),
+                    feature_lengths=task_feature_lengths,
+                    base_checkpoints=(base_checkpoint,))
   partitioner = partitioning.Partitioner(mesh)
   module = build(model_config=model_config, finetune=finetune, lora=lora,
                  partitioner=partitioner, seed=seed,

@@ -98,6 +98,9 @@ def train(
                      "needs an sft task (inputs/targets), e.g. synthetic_sft.")
   if finetune not in ("lora", "full"):
     raise ValueError(f"finetune={finetune!r}: use 'lora' or 'full'.")
+  loop.check_inputs(task=mixture_or_task_name, splits=("train", eval_split),
+                    feature_lengths=task_feature_lengths,
+                    base_checkpoints=(base_checkpoint,))
   partitioner = partitioning.Partitioner(mesh)
   adapters = {ADAPTER: lora} if finetune == "lora" else None
   module = partitioner.create_sharded_model(
