@@ -309,11 +309,16 @@ def grouped_bars(groups: Sequence[str], series: Mapping[str, Sequence[float]], *
   return fig
 
 
-def demo_summary(workdir: str, *, out: str | None = None) -> str:
-  """runs/demo/summary.png: ground truth and KL over RL steps, RM accuracy."""
-  policies = {os.path.basename(d): d for d in sorted(glob.glob(
-      os.path.join(workdir, "policy_seed*"))) if os.path.isfile(
-          os.path.join(d, METRICS_FILE))}
+def demo_summary(workdir: str, *, out: str | None = None,
+                 policy_dirs: Sequence[str] | None = None) -> str:
+  """runs/demo/summary.png: ground truth and KL over RL steps, RM accuracy.
+
+  policy_dirs: the RL runs to draw (default: every WORKDIR/policy_seed*).
+  """
+  if policy_dirs is None:
+    policy_dirs = sorted(glob.glob(os.path.join(workdir, "policy_seed*")))
+  policies = {os.path.basename(d): d for d in policy_dirs
+              if os.path.isfile(os.path.join(d, METRICS_FILE))}
   rm_dir = os.path.join(workdir, "reward_model")
   if not policies:
     raise FileNotFoundError(f"No policy_seed*/{METRICS_FILE} under {workdir}: "
@@ -350,6 +355,123 @@ def demo_summary(workdir: str, *, out: str | None = None) -> str:
   out = out or os.path.join(workdir, SUMMARY_FILE)
   fig.savefig(out, dpi=110)
   plt.close(fig)
+  return out
+
+
+# Benchmark results
+# ------------------------------------------------------------------------------
+
+# README section headings (a prefix each) of the tables that benchmarks/ print.
+README_SECTIONS = {
+    "reward_model_memory": "### Memory and time of one reward-model step",
+    "rl_memory": "### Memory of one RL step",
+    "tpu_fit": "## Running at scale",
+}
+_SIZE = {"K": 1e3, "M": 1e6, "B": 1e9}
+
+
+def _number(text: str, unit: str) -> float:
+  """The first '<number> <unit>' in a table cell (NaN if none)."""
+  m = re.search(r"([\d][\d,]*\.?\d*)\s*" + re.escape(unit), text)
+  return float(m.group(1).replace(",", "")) if m else float("nan")
+
+
+def _count(text: str) -> float:
+  m = re.search(r"([\d.]+)\s*([KMB])\b", text)
+  return float(m.group(1)) * _SIZE[m.group(2)] if m else float("nan")
+
+
+def markdown_table(text: str, heading: str) -> tuple[list[dict], str]:
+  """(rows of the first table after `heading`, the `python benchmarks/...`
+  command named between them)."""
+  start = text.find("\n" + heading)
+  if start < 0:
+    raise ValueError(f"No section {heading!r} in the README.")
+  lines = text[start + 1:].splitlines()[1:]
+  command, table = "", []
+  for line in lines:
+    if line.startswith("#") and table == []:
+      if line.startswith("## ") or line.startswith("### "):
+        if not heading.startswith("## "):
+          break
+    m = re.search(r"`(python benchmarks/[^`]+)`", line)
+    if m and not command:
+      command = m.group(1)
+    if line.startswith("|"):
+      table.append([c.strip() for c in line.strip().strip("|").split("|")])
+    elif table and len(table) > 2:
+      if heading.startswith("## ") and "v5e chips" not in table[0][0]:
+        table = []
+        continue
+      break
+  if len(table) < 3:
+    raise ValueError(f"No table under {heading!r} in the README.")
+  header = table[0]
+  return [dict(zip(header, row)) for row in table[2:]], command
+
+
+def benchmark_tables_from_readme(readme: str) -> dict[str, dict]:
+  """The README's benchmark tables (printed by benchmarks/ scripts) as numbers."""
+  with open(readme) as f:
+    text = f.read()
+  out = {}
+  rows, command = markdown_table(text, README_SECTIONS["reward_model_memory"])
+  memory, timing = [], []
+  for r in rows:
+    lora, full = list(r.values())[1:3]
+    name = list(r.values())[0]
+    if "ms/step" in lora:
+      timing += [{"model": name, "finetune": "lora", "ms_per_step": _number(lora, "ms")},
+                 {"model": name, "finetune": "full", "ms_per_step": _number(full, "ms")}]
+    else:
+      memory.append({"model": name.split(" (")[0],
+                     "lora_peak_gib": _number(lora, "GiB"), "full_peak_gib": _number(full, "GiB"),
+                     "lora_trainable": _count(lora), "full_trainable": _count(full)})
+  out["reward_model_memory"] = {"source": readme, "command": command,
+                                "memory": memory, "timing": timing}
+  rows, command = markdown_table(text, README_SECTIONS["rl_memory"])
+  out["rl_memory"] = {"source": readme, "command": command, "memory": [
+      {"model": list(r.values())[0].split(" (")[0],
+       "full-separate": _number(list(r.values())[1], "GiB"),
+       "lora-separate": _number(list(r.values())[2], "GiB"),
+       "lora-hydra": _number(list(r.values())[3], "GiB")} for r in rows]}
+  rows, command = markdown_table(text, README_SECTIONS["tpu_fit"])
+  out["tpu_fit"] = {"source": readme, "command": command or "python benchmarks/tpu_fit.py",
+                    "memory": [{"chips": int(_number(list(r.values())[0], "")),
+                                "rm_gib": _number(list(r.values())[2], "GiB"),
+                                "rl_gib": _number(list(r.values())[3], "GiB"),
+                                "refused": "refuse" in (list(r.values())[2] + list(r.values())[3])}
+                               for r in rows]}
+  return out
+
+
+def benchmark_tables_from_json(results_dir: str) -> dict[str, dict]:
+  """Tables from the --results_json files of benchmarks/reward_model_memory.py
+  and benchmarks/rl_memory.py, in the shape benchmark_tables_from_readme gives."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    with open(path) as f:
+      data = json.load(f)
+    gib = lambda b: b / 2**30
+    if data.get("benchmark") == "reward_model_memory":
+      by = {}
+      for r in data["memory"]:
+        row = by.setdefault(r["model"], {"model": r["model"]})
+        row[f"{r['finetune']}_peak_gib"] = gib(r["peak_bytes"])
+        row[f"{r['finetune']}_trainable"] = r["trainable"]
+      out["reward_model_memory"] = {"source": path, "device": data["device"],
+                                    "memory": list(by.values()), "timing": data["timing"]}
+    elif data.get("benchmark") == "rl_memory":
+      by = {}
+      for r in data["memory"]:
+        by.setdefault(r["size"], {"model": r["size"]})[r["setup"]] = gib(r["peak_bytes"])
+      out["rl_memory"] = {"source": path, "device": data["device"],
+                          "memory": list(by.values()), "timing": data["timing"]}
+  if not out:
+    raise FileNotFoundError(
+        f"No benchmark results (*.json) in {results_dir}: run e.g. `python "
+        "benchmarks/rl_memory.py --jax_backend=cpu --results_json="
+        f"{results_dir}/rl_memory.json`.")
   return out
 
 
