@@ -338,12 +338,13 @@ def demo_summary(workdir: str, *, out: str | None = None,
       ax_kl.plot(*m["eval/kl"], "o", label=f"{label} (eval/kl, held-out)")
   if sft:
     ax_truth.axhline(float(np.mean(sft)), ls="--", color="gray", label="SFT policy")
-  ax_truth.set(title="ground-truth reward, held-out prompts", xlabel="RL step")
+  ax_truth.set(title="ground-truth reward, held-out prompts", xlabel="RL step",
+               ylim=(-0.02, 1.02))
   ax_kl.set(title="KL(policy ‖ SFT) per response", xlabel="RL step", ylabel="nats")
   if os.path.isfile(os.path.join(rm_dir, METRICS_FILE)):
     m = read_metrics(rm_dir)
     if "eval/accuracy" in m:
-      ax_rm.plot(*m["eval/accuracy"], marker="o", label="held-out")
+      ax_rm.plot(*m["eval/accuracy"], marker="o", label="held-out", zorder=3)
     if "train/accuracy" in m:
       ax_rm.plot(*m["train/accuracy"], alpha=0.4, label="train batches")
   ax_rm.set(title="reward-model pairwise accuracy", xlabel="RM step", ylim=(0, 1.02))

@@ -3,7 +3,8 @@ r"""Runs one experiment once per value of a gin macro (e.g. a β sweep).
   python -m perl.sweep --gin_file=experiments/synthetic_beta_sweep.gin \
       --gin.BASE_CHECKPOINT=runs/demo/sft \
       --gin.REWARD_CHECKPOINT=runs/demo/reward_model \
-      --workdir=runs/beta_sweep --jax_backend=cpu
+      --workdir=runs/beta_sweep --jax_backend=cpu \
+      --plot=notebooks/figures/beta_frontier.png
 
 The gin file names the sweep (`perl.sweep.Sweep.macro` and `.values`); each
 value v runs the same file with `MACRO = v` into WORKDIR/<macro>_<v>
@@ -24,7 +25,6 @@ from typing import Any, Sequence
 import gin
 
 
-@gin.configurable(module="perl.sweep")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Sweep:
   """Which macro to sweep over which values."""
@@ -33,6 +33,12 @@ class Sweep:
   macro: str = gin.REQUIRED
   # Its values, one run each.
   values: Sequence[Any] = gin.REQUIRED
+
+
+# Registered by the importable module only: `python -m perl.sweep` runs this
+# file as __main__, and the gin file's `import perl.sweep` imports it again.
+if __name__ != "__main__":
+  Sweep = gin.configurable(module="perl.sweep")(Sweep)
 
 
 def run_dir(workdir: str, macro: str, value: Any) -> str:
@@ -112,4 +118,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
 
 
 if __name__ == "__main__":
-  main()
+  from perl import sweep as _sweep  # pylint: disable=g-import-not-at-top
+  _sweep.main()

@@ -25,7 +25,7 @@ ANALYSIS_NOTEBOOKS = ("reward_model_analysis.ipynb", "rl_analysis.ipynb",
 # The tiny pipeline, in one process so TensorFlow/JAX start once.
 _TINY_RUNS = r"""
 import json, sys
-from perl import demo, sweep
+from perl import demo
 from perl.utils import tf_setup
 tf_setup.hide_accelerators_from_tensorflow()
 import jax
@@ -39,12 +39,19 @@ for finetune in ("lora", "full"):
       gin_file="experiments/synthetic_reward_model.gin", model_dir=f"{w}/rm_{finetune}",
       bindings=tiny + [f"BASE_CHECKPOINT = '{w}/sft'", f"FINETUNE = '{finetune}'",
                        "perl.trainers.reward_model.train.eval_max_batches = 2"])
-sweep.run(gin_file="experiments/synthetic_beta_sweep.gin", workdir=f"{w}/sweep",
-          values=[0.0, 0.5],
-          bindings=tiny + [f"BASE_CHECKPOINT = '{w}/sft'",
-                           f"REWARD_CHECKPOINT = '{w}/rm_lora'", "MAX_NEW_TOKENS = 12",
-                           "perl.trainers.policy.train.eval_max_batches = 1"])
 """
+
+
+def _sweep_command(w):
+  """The README's β-sweep command at toy size (run as a user runs it)."""
+  return [sys.executable, "-m", "perl.sweep",
+          "--gin_file=experiments/synthetic_beta_sweep.gin",
+          f"--gin.BASE_CHECKPOINT={w}/sft", f"--gin.REWARD_CHECKPOINT={w}/rm_lora",
+          "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.EVAL_EVERY=0",
+          "--gin.MAX_NEW_TOKENS=12",
+          "--gin.perl.trainers.policy.train.eval_max_batches=1",
+          "--values=0.0,0.5", f"--workdir={w}/sweep", "--jax_backend=cpu",
+          f"--plot={w}/frontier.png"]
 
 
 @pytest.fixture(scope="session")
@@ -53,11 +60,21 @@ def tiny_runs(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("tiny_runs")
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
   env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
-  proc = subprocess.run([sys.executable, "-c", _TINY_RUNS, str(workdir)],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  for command in ([sys.executable, "-c", _TINY_RUNS, str(workdir)],
+                  _sweep_command(workdir)):
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   return workdir
+
+
+def test_sweep_writes_one_run_per_value_and_the_frontier(tiny_runs):
+  runs = sorted(os.listdir(tiny_runs / "sweep"))
+  assert runs == ["kl_coef_0.0", "kl_coef_0.5"]
+  for run, beta in zip(runs, ("0.0", "0.5")):
+    config = (tiny_runs / "sweep" / run / "config.gin").read_text()
+    assert f"KL_COEF = {beta}" in config
+  assert (tiny_runs / "frontier.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _execute(path, env):
