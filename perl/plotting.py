@@ -382,33 +382,36 @@ def _count(text: str) -> float:
   return float(m.group(1)) * _SIZE[m.group(2)] if m else float("nan")
 
 
-def markdown_table(text: str, heading: str) -> tuple[list[dict], str]:
-  """(rows of the first table after `heading`, the `python benchmarks/...`
-  command named between them)."""
-  start = text.find("\n" + heading)
-  if start < 0:
-    raise ValueError(f"No section {heading!r} in the README.")
-  lines = text[start + 1:].splitlines()[1:]
-  command, table = "", []
-  for line in lines:
-    if line.startswith("#") and table == []:
-      if line.startswith("## ") or line.startswith("### "):
-        if not heading.startswith("## "):
-          break
+def markdown_table(text: str, heading: str, *, header_contains: str = ""
+                   ) -> tuple[list[dict], str]:
+  """(rows of the first table in the section `heading` whose header has
+  `header_contains`, the first `python benchmarks/...` command in it)."""
+  level = len(heading) - len(heading.lstrip("#"))
+  lines = ("\n" + text).split("\n")
+  try:
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+  except StopIteration:
+    raise ValueError(f"No section {heading!r} in the README.") from None
+  command, tables, current = "", [], []
+  for line in lines[start + 1:] + [""]:
+    hashes = len(line) - len(line.lstrip("#"))
+    if line.startswith("#") and line[hashes:hashes + 1] == " " and hashes <= level:
+      break  # the next section of the same or a higher level
     m = re.search(r"`(python benchmarks/[^`]+)`", line)
     if m and not command:
       command = m.group(1)
     if line.startswith("|"):
-      table.append([c.strip() for c in line.strip().strip("|").split("|")])
-    elif table and len(table) > 2:
-      if heading.startswith("## ") and "v5e chips" not in table[0][0]:
-        table = []
-        continue
-      break
-  if len(table) < 3:
-    raise ValueError(f"No table under {heading!r} in the README.")
-  header = table[0]
-  return [dict(zip(header, row)) for row in table[2:]], command
+      current.append([c.strip() for c in line.strip().strip("|").split("|")])
+    elif current:
+      tables.append(current)
+      current = []
+  if current:
+    tables.append(current)
+  for table in tables:
+    if len(table) > 2 and header_contains in " ".join(table[0]):
+      return [dict(zip(table[0], row)) for row in table[2:]], command
+  raise ValueError(f"No table{f' with {header_contains!r}' if header_contains else ''}"
+                   f" under {heading!r} in the README.")
 
 
 def benchmark_tables_from_readme(readme: str) -> dict[str, dict]:
@@ -436,7 +439,8 @@ def benchmark_tables_from_readme(readme: str) -> dict[str, dict]:
        "full-separate": _number(list(r.values())[1], "GiB"),
        "lora-separate": _number(list(r.values())[2], "GiB"),
        "lora-hydra": _number(list(r.values())[3], "GiB")} for r in rows]}
-  rows, command = markdown_table(text, README_SECTIONS["tpu_fit"])
+  rows, command = markdown_table(text, README_SECTIONS["tpu_fit"],
+                                 header_contains="v5e chips")
   out["tpu_fit"] = {"source": readme, "command": command or "python benchmarks/tpu_fit.py",
                     "memory": [{"chips": int(_number(list(r.values())[0], "")),
                                 "rm_gib": _number(list(r.values())[2], "GiB"),
