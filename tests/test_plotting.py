@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from perl import plotting
+from perl import benchmark_results, plotting
 
 
 def _write_run(path, rows, config=""):
@@ -74,11 +74,11 @@ def test_benchmark_json_in_the_shape_the_scripts_write(tmp_path):
                  for s, p in (("full-separate", 4), ("lora-separate", 3),
                               ("lora-hydra", 2))],
       "timing": []}))
-  tables = plotting.benchmark_tables_from_json(str(tmp_path))
+  tables = benchmark_results.benchmark_tables_from_json(str(tmp_path))
   assert tables["rl_memory"]["memory"] == [
       {"model": "1b", "full-separate": 4.0, "lora-separate": 3.0, "lora-hydra": 2.0}]
   with pytest.raises(FileNotFoundError, match="--results_json"):
-    plotting.benchmark_tables_from_json(str(tmp_path / "empty"))
+    benchmark_results.benchmark_tables_from_json(str(tmp_path / "empty"))
 
 
 def test_readme_tables_parse_to_the_numbers_in_the_text(tmp_path):
@@ -98,7 +98,7 @@ def test_readme_tables_parse_to_the_numbers_in_the_text(tmp_path):
       "`python benchmarks/rl_memory.py --jax_backend=cpu` — text\n\n"
       "| model | full | lora | hydra | ratio |\n| --- | --- | --- | --- | --- |\n"
       "| 7B (shapes) | 227.87 GiB | 151.22 GiB | 91.99 GiB | 2.48× |\n")
-  t = plotting.benchmark_tables_from_readme(str(readme))
+  t = benchmark_results.benchmark_tables_from_readme(str(readme))
   assert t["reward_model_memory"]["memory"] == [
       {"model": "1B", "lora_peak_gib": 9.91, "full_peak_gib": 18.99,
        "lora_trainable": 1.7e6, "full_trainable": 1.24e9}]
