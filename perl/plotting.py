@@ -209,6 +209,7 @@ def frontier_points(runs: Mapping[str, str] | Sequence[str]) -> list[dict]:
         "ground_truth_reward": last(m, "eval/ground_truth_reward"),
         "ground_truth_reward_sft": last(m, "eval/ground_truth_reward_sft"),
         "reward_model_score": last(m, "eval/reward_model_score"),
+        "reward_model_score_sft": last(m, "eval/reward_model_score_sft"),
         "win_rate": last(m, "eval/win_rate"),
     })
   return sorted(points, key=lambda p: (p["beta"] is None, p["beta"] or 0.0))
@@ -239,6 +240,18 @@ def frontier(points: Sequence[Mapping], *, reward: str = "ground_truth_reward",
   ax.set_xlabel("KL(policy ‖ SFT) per response (held-out, nats)")
   ax.set_ylabel(reward.replace("_", " "))
   ax.set_title("KL–reward frontier", fontsize=10)
+  fig.tight_layout()
+  return fig
+
+
+def frontier_panels(points: Sequence[Mapping]) -> plt.Figure:
+  """Ground truth (where the task has one) and reward-model score vs KL."""
+  rewards = [r for r in ("ground_truth_reward", "reward_model_score")
+             if any(np.isfinite(p[r]) for p in points)]
+  fig, axes = plt.subplots(1, len(rewards), figsize=(5.2 * len(rewards), 3.8),
+                           squeeze=False)
+  for ax, reward in zip(axes[0], rewards):
+    frontier(points, reward=reward, ax=ax)
   fig.tight_layout()
   return fig
 
@@ -376,16 +389,16 @@ def main(argv: Sequence[str] | None = None) -> str:
   f = sub.add_parser("frontier", help="KL–reward frontier of policy runs")
   f.add_argument("runs", nargs="+", help="MODEL_DIRs, a parent of them, or globs")
   f.add_argument("--out", required=True)
-  f.add_argument("--reward", default="ground_truth_reward")
   args = parser.parse_args(argv)
   if args.command == "summary":
     path = demo_summary(args.workdir, out=args.out)
   else:
     points = frontier_points(run_dirs(args.runs))
     for p in points:
-      print(f"β={p['beta']}  KL {p['kl']:.3f}  {args.reward} {p[args.reward]:.3f}"
-            f"  ({p['model_dir']})")
-    path = save(frontier(points, reward=args.reward), args.out)
+      print(f"β={p['beta']}  KL {p['kl']:.3f}  ground truth "
+            f"{p['ground_truth_reward']:.3f}  RM score {p['reward_model_score']:.3f}"
+            f"  win rate {p['win_rate']:.3f}  ({p['model_dir']})")
+    path = save(frontier_panels(points), args.out)
   print(f"wrote {path}")
   return path
 
