@@ -36,6 +36,10 @@ def _literal(model_dir: str, name: str, default: Any = None) -> Any:
 
 
 def _require(model_dir: str, name: str) -> Any:
+  path = os.path.join(model_dir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} does not exist: point at the MODEL_DIR of "
+                            "a perl run (it writes config.gin at its start).")
   value = _literal(model_dir, name)
   if value is None:
     raise ValueError(
