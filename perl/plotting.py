@@ -226,17 +226,18 @@ def frontier(points: Sequence[Mapping], *, reward: str = "ground_truth_reward",
                      "with an eval (EVAL_EVERY or the final one).")
   kl = np.array([p["kl"] for p in pts])
   y = np.array([p[reward] for p in pts])
-  order = np.argsort(kl)
-  ax.plot(kl[order], y[order], "-", color="0.7", zorder=1)
   ax.scatter(kl, y, zorder=2)
-  for p, x, v in zip(pts, kl, y):
+  for i, (p, x, v) in enumerate(zip(pts, kl, y)):
     name = f"β={p['beta']:g}" if p["beta"] is not None else p["label"]
-    ax.annotate(name, (x, v), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    # Alternate the labels above/below so that close points stay readable.
+    ax.annotate(name, (x, v), textcoords="offset points", fontsize=8,
+                xytext=(5, 5 if i % 2 == 0 else -11))
   sft = [p.get(reward + "_sft", float("nan")) for p in pts]
   sft = [s for s in sft if np.isfinite(s)]
   if sft:
     ax.axhline(float(np.mean(sft)), ls="--", color="gray", label="SFT policy")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
+  ax.margins(x=0.12, y=0.1)
   ax.set_xlabel("KL(policy ‖ SFT) per response (held-out, nats)")
   ax.set_ylabel(reward.replace("_", " "))
   ax.set_title("KL–reward frontier", fontsize=10)
