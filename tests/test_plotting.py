@@ -58,6 +58,17 @@ def test_frontier_points_read_beta_through_the_macro_and_sort_by_it(tmp_path):
   assert len(fig.axes[0].collections[0].get_offsets()) == 2
 
 
+def test_gin_value_finds_a_binding_under_its_shortened_name(tmp_path):
+  # Gin shortens names to what is unambiguous at write time.
+  d = _write_run(tmp_path / "run", [{"step": 1}], (
+      "BASE_CHECKPOINT = '/runs/sft'\n"
+      "train.base_checkpoint = %BASE_CHECKPOINT\n"
+      "SamplingConfig.temperature = 0.7\n"))
+  assert plotting.gin_value(d, "policy.train.base_checkpoint") == "'/runs/sft'"
+  assert plotting.gin_value(d, "perl.decoding.SamplingConfig.temperature") == "0.7"
+  assert plotting.gin_value(d, "SamplingConfig.top_p") is None
+
+
 def test_by_bins_accuracy_per_quantile_bin():
   length = np.array([1, 2, 3, 4, 5, 6, 7, 8])
   correct = np.array([1, 1, 0, 0, 1, 1, 1, 1], bool)
