@@ -10,9 +10,11 @@ the notebooks read. Each analysis notebook must draw at least one figure
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
+import filelock
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -56,15 +58,28 @@ def _sweep_command(w):
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory):
-  """MODEL_DIRs of a tiny SFT → RM (LoRA, full) → RL β sweep on synthetic data."""
-  workdir = tmp_path_factory.mktemp("tiny_runs")
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
-  for command in ([sys.executable, "-c", _TINY_RUNS, str(workdir)],
-                  _sweep_command(workdir)):
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  """MODEL_DIRs of a tiny SFT → RM (LoRA, full) → RL β sweep on synthetic data.
+
+  Built once per test session: under pytest-xdist (`make test` runs -n 2)
+  the workers share it through a lock in their common base directory.
+  """
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    root = root.parent
+  workdir = root / "tiny_runs"
+  with filelock.FileLock(str(root / "tiny_runs.lock")):
+    if (workdir / "DONE").is_file():
+      return workdir
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's run
+    for command in ([sys.executable, "-c", _TINY_RUNS, str(workdir)],
+                    _sweep_command(workdir)):
+      proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+      assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (workdir / "DONE").write_text("")
   return workdir
 
 
