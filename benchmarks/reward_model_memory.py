@@ -16,6 +16,7 @@ accelerator numbers; the script is the same.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -38,6 +39,9 @@ _TIMING_BATCH = flags.DEFINE_integer("timing_batch_size", 16, "Pairs per timed s
 _TIMING_SEQ = flags.DEFINE_integer("timing_seq_len", 128, "Tokens per timed sequence.")
 _TIMING_STEPS = flags.DEFINE_integer("timing_steps", 5, "Timed steps (after 1 warm-up).")
 _JAX_BACKEND = flags.DEFINE_string("jax_backend", None, "JAX platform.")
+_RESULTS_JSON = flags.DEFINE_string(
+    "results_json", None,
+    "Also write the printed numbers here (read by notebooks/efficiency.ipynb).")
 
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))), "configs")
@@ -112,10 +116,16 @@ def memory_row(name: str, finetune: str):
   compile_s = time.time() - t0
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-  return (f"{name:10s} {finetune:5s} {count(trainer.state.params):>14,d} "
-          f"{gib(mem.argument_size_in_bytes)} {gib(mem.output_size_in_bytes)} "
-          f"{gib(mem.alias_size_in_bytes)} {gib(mem.temp_size_in_bytes)} "
-          f"{gib(peak)}   (compiled in {compile_s:.0f}s)")
+  row = {"model": name, "finetune": finetune,
+         "trainable": count(trainer.state.params),
+         "argument_bytes": mem.argument_size_in_bytes,
+         "output_bytes": mem.output_size_in_bytes,
+         "alias_bytes": mem.alias_size_in_bytes,
+         "temp_bytes": mem.temp_size_in_bytes, "peak_bytes": peak}
+  return row, (f"{name:10s} {finetune:5s} {row['trainable']:>14,d} "
+               f"{gib(mem.argument_size_in_bytes)} {gib(mem.output_size_in_bytes)} "
+               f"{gib(mem.alias_size_in_bytes)} {gib(mem.temp_size_in_bytes)} "
+               f"{gib(peak)}   (compiled in {compile_s:.0f}s)")
 
 
 def timing_row(finetune: str):
@@ -134,9 +144,12 @@ def timing_row(finetune: str):
   mem = trainer.lower(batch).compile().memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-  return (f"{_TIMING_MODEL.value:10s} {finetune:5s} "
-          f"{count(trainer.state.params):>14,d} "
-          f"{np.median(times) * 1e3:10.1f} ms  peak {peak / 2**20:8.1f} MiB")
+  row = {"model": _TIMING_MODEL.value, "finetune": finetune,
+         "trainable": count(trainer.state.params),
+         "ms_per_step": float(np.median(times) * 1e3), "peak_bytes": peak}
+  return row, (f"{_TIMING_MODEL.value:10s} {finetune:5s} "
+               f"{row['trainable']:>14,d} "
+               f"{row['ms_per_step']:10.1f} ms  peak {peak / 2**20:8.1f} MiB")
 
 
 def main(argv):
@@ -150,14 +163,27 @@ def main(argv):
         f"{_RANK.value} on q,k,v,o, AdamW; GiB")
   print(f"{'model':10s} {'mode':5s} {'trainable':>14s} {'argument':>8s} "
         f"{'output':>8s} {'aliased':>8s} {'temp':>8s} {'peak':>8s}")
+  results = {"benchmark": "reward_model_memory",
+             "device": f"{jax.devices()[0].device_kind} ({jax.default_backend()})",
+             "settings": {"batch_size": _BATCH.value, "seq_len": _SEQ.value,
+                          "lora_rank": _RANK.value},
+             "memory": [], "timing": []}
   for name in _MODELS.value:
     for finetune in ("lora", "full"):
-      print(memory_row(name, finetune), flush=True)
+      row, line = memory_row(name, finetune)
+      results["memory"].append(row)
+      print(line, flush=True)
   print(f"\nRM train step time, {_TIMING_MODEL.value} model, batch "
         f"{_TIMING_BATCH.value} pairs x {_TIMING_SEQ.value} tokens "
         f"(median of {_TIMING_STEPS.value})")
   for finetune in ("lora", "full"):
-    print(timing_row(finetune), flush=True)
+    row, line = timing_row(finetune)
+    results["timing"].append(row)
+    print(line, flush=True)
+  if _RESULTS_JSON.value:
+    with open(_RESULTS_JSON.value, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"wrote {_RESULTS_JSON.value}")
 
 
 if __name__ == "__main__":

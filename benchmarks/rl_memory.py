@@ -22,6 +22,7 @@ state in the parameters' dtype; LoRA adapters fp32.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -201,6 +202,9 @@ def main():
   parser.add_argument("--timing_prompt_length", type=int, default=64)
   parser.add_argument("--timing_response_length", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--results_json", default=None,
+                      help="Also write the printed numbers here (read by "
+                           "notebooks/efficiency.ipynb).")
   args = parser.parse_args()
 
   import jax
@@ -214,12 +218,18 @@ def main():
   print(f"\nOne RL step, XLA compiled memory analysis (GiB, one device, abstract shapes)")
   header = f"{'size':<6}{'setup':<16}{'trainable':>15}{'frozen':>16}{'args':>9}{'temp':>9}{'peak':>9}{'vs full':>9}"
   print(header)
+  memory_rows = []
   for size in args.sizes.split(","):
     peaks = {}
     for setup in SETUPS:
       step, inputs, n_train, n_frozen = prepare(setup, size, args, abstract=True)
       mem = step.lower(*inputs).compile().memory_analysis()
       peaks[setup] = peak_bytes(mem)
+      memory_rows.append({"size": size, "setup": setup, "trainable": n_train,
+                          "frozen": n_frozen,
+                          "argument_bytes": mem.argument_size_in_bytes,
+                          "temp_bytes": mem.temp_size_in_bytes,
+                          "peak_bytes": peaks[setup]})
       gib = lambda x: x / 2**30
       print(f"{size:<6}{setup:<16}{n_train:>15,}{n_frozen:>16,}"
             f"{gib(mem.argument_size_in_bytes):>9.2f}{gib(mem.temp_size_in_bytes):>9.2f}"
@@ -251,6 +261,13 @@ def main():
     times[setup] = statistics.median(samples)
     print(f"{setup:<16}{times[setup] * 1e3:>10.1f}{times[setup] / times['full-separate']:>9.2f}",
           flush=True)
+  if args.results_json:
+    with open(args.results_json, "w") as f:
+      json.dump({"benchmark": "rl_memory", "device": f"{device.device_kind} ({device.platform})",
+                 "settings": vars(args), "memory": memory_rows,
+                 "timing": [{"size": args.timing_size, "setup": k, "ms_per_step": v * 1e3}
+                            for k, v in times.items()]}, f, indent=1)
+    print(f"wrote {args.results_json}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ pipeline pays for TensorFlow/JAX start-up once). Stages resume from their
 MODEL_DIR, so a second run only re-evaluates. It ends with a table: the reward
 model's held-out accuracy against the ground truth, the ground-truth reward of
 the SFT policy and of the RL policy (mean ± std over --seeds RL runs), the KL
-to the SFT anchor, and where the logs are.
+to the SFT anchor, and where the logs are; WORKDIR/summary.png plots the
+ground-truth reward and KL over the RL steps and the reward model's accuracy
+(perl.plotting.demo_summary; `python -m perl.plotting summary WORKDIR`
+redraws it from the logs).
 """
 
 from __future__ import annotations
@@ -81,9 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results[name] = run_stage(gin_file=gin_file, model_dir=dirs[name], bindings=bindings)
     timings[name] = time.perf_counter() - start
 
-  rl_results = []
+  rl_results, rl_dirs = [], []
   for seed in range(args.seeds):
     model_dir = os.path.join(workdir, f"policy_seed{seed}")
+    rl_dirs.append(model_dir)
     print(f"\n=== policy (seed {seed}): {RL_EXPERIMENT} → {model_dir}", flush=True)
     start = time.perf_counter()
     rl_results.append(run_stage(
@@ -98,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   truth_sft = [r["eval/ground_truth_reward_sft"] for r in rl_results]
   kl = [r["eval/kl"] for r in rl_results]
   win = [r["eval/win_rate"] for r in rl_results]
+  from perl import plotting  # pylint: disable=g-import-not-at-top
+  summary_png = plotting.demo_summary(workdir, policy_dirs=rl_dirs)
   rows = [
       ("reward model held-out accuracy (vs truth)", f"{rm_accuracy:.3f}"),
       ("ground-truth reward, SFT policy", _mean_std(truth_sft)),
@@ -107,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       ("RL seeds", str(args.seeds)),
       ("wall time (s)", ", ".join(f"{k} {v:.0f}" for k, v in timings.items())),
       ("logs (TensorBoard, metrics.jsonl)", workdir),
+      ("summary plot", summary_png),
   ]
   width = max(len(r[0]) for r in rows)
   print("\n" + "=" * (width + 30))

@@ -27,7 +27,7 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
   workdir = tmp_path / "runs" / "demo"
   assert sorted(os.listdir(workdir)) == [
       "demo_summary.json", "policy_seed0", "policy_seed1", "reward_model",
-      "sft"]
+      "sft", "summary.png"]
   summary = json.loads((workdir / "demo_summary.json").read_text())
   assert 0.0 <= summary["reward_model_accuracy"] <= 1.0
   for key in ("ground_truth_rl", "ground_truth_sft", "kl", "win_rate"):
@@ -41,6 +41,11 @@ def test_demo_runs_every_stage_and_prints_the_table(tmp_path):
   table = proc.stdout[proc.stdout.rindex("reward model held-out accuracy"):]
   assert f"{summary['reward_model_accuracy']:.3f}" in table
   assert str(workdir) in table
+  # The summary plot is written and named in the table.
+  png = workdir / "summary.png"
+  assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert png.stat().st_size > 10_000
+  assert "summary plot" in table and str(png) in table
   for stage in ("sft", "reward_model", "policy_seed0"):
     assert (workdir / stage / "config.gin").is_file()
     assert (workdir / stage / "metrics.jsonl").is_file()
