@@ -7,6 +7,10 @@ Resume is exact: the checkpoint holds the train state and the number of
 batches consumed, and the train iterator is rebuilt deterministically (same
 seed, same shuffle) and skips that many batches, so a resumed run sees the
 same batches and computes bit-identical metrics on CPU.
+
+`perl.data.pipeline` (SeqIO + TensorFlow, about 1 GB of RSS) is imported
+only when a batch iterator is built, so a step fed from elsewhere (a
+benchmark, a notebook, an RL rollout) never loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import numpy as np
 from absl import logging
 
 from perl import checkpoints, partitioning
-from perl.data import pipeline
 from perl.trainers import core
 from perl.trainers.metrics import MetricWriter
 
@@ -41,6 +44,7 @@ def train_batches(
                      f"{num_shards} input shards (processes).")
 
   def make(skip: int) -> Iterator[dict]:
+    from perl.data import pipeline  # pylint: disable=g-import-not-at-top
     ds = pipeline.get_dataset(
         task=task, split=split, feature_lengths=feature_lengths,
         batch_size=batch_size // num_shards, shard_info=(index, num_shards),
@@ -64,6 +68,7 @@ def eval_batches(
   local = batch_size // num_shards
 
   def make():
+    from perl.data import pipeline  # pylint: disable=g-import-not-at-top
     ds = pipeline.get_dataset(
         task=task, split=split, feature_lengths=feature_lengths,
         batch_size=local, shard_info=(index, num_shards), shuffle=False,

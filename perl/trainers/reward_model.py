@@ -23,7 +23,6 @@ from absl import logging
 from flax import nnx
 
 from perl import checkpoints, losses, partitioning
-from perl.data import pipeline
 from perl.models import lora as lora_lib
 from perl.models.config import LoRAConfig, TransformerConfig
 from perl.models.heads import HEAD_NAME, RewardModule
@@ -175,6 +174,8 @@ def train(
     export: bool = True,
 ) -> dict[str, Any]:
   """Trains a reward model; returns the final train and eval metrics."""
+  # Here, not at module level: the step itself needs no TensorFlow (~1 GB).
+  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
   kind = pipeline.task_kind(mixture_or_task_name)
   if kind not in (PREFERENCE, POINTWISE):
     raise ValueError(
