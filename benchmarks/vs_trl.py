@@ -127,13 +127,19 @@ def peak_rss_gb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+# CPU seconds of this process per step (all threads), the median's partner:
+# on a shared machine wall time includes waiting for a core, CPU time not.
+CPU_TIMES: list[float] = []
+
+
 def _median_time(fn, steps: int) -> float:
   fn()  # warm-up (compilation on the perl side)
   times = []
   for _ in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - t)
+    CPU_TIMES.append(time.process_time() - c)
   return statistics.median(times)
 
 
@@ -224,10 +230,12 @@ class _StepTimer:
         self.times, self._t = [], None
 
       def on_step_begin(self, args, state, control, **kw):
-        self._t = time.perf_counter()
+        self._t, self._c = time.perf_counter(), time.process_time()
 
       def on_step_end(self, args, state, control, **kw):
         self.times.append(time.perf_counter() - self._t)
+        if len(self.times) > 1:  # the first step is the warm-up
+          CPU_TIMES.append(time.process_time() - self._c)
 
     return Timer()
 
@@ -346,6 +354,9 @@ def run_worker(args) -> None:
     return
   fn = perl_worker if side == "perl" else trl_worker
   out = fn(task, args.ckpt, w, args.steps, args.device)
+  if CPU_TIMES:
+    out["cpu_sec"] = statistics.median(CPU_TIMES)
+  out["load1"] = os.getloadavg()[0]
   print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -443,6 +454,11 @@ def main(argv=None):
       print(f"| reward-model step, {w['pairs']} pairs × {w['tokens']} tokens | "
             f"{_fmt(p, 's')} | RewardTrainer {_fmt(t, 's')} (plain PEFT loop "
             f"{_fmt(l, 's')}) | {_ratio(ref, p)} (vs loop {_ratio(l, p)}) |")
+      p, t, l = (g("perl", "rm", "cpu_sec"), g("trl", "rm", "cpu_sec"),
+                 g("trl_loop", "rm", "cpu_sec"))
+      print(f"| reward-model step, CPU seconds (all threads) | {_fmt(p, 's')} | "
+            f"RewardTrainer {_fmt(t, 's')} (plain PEFT loop {_fmt(l, 's')}) | "
+            f"{_ratio(t or l, p)} (vs loop {_ratio(l, p)}) |")
     if "sample" in tasks:
       p, t = g("perl", "sample", "tok_per_sec"), g("trl", "sample", "tok_per_sec")
       print(f"| sampling, {w['roll']} × ({w['prompt']} prompt + {w['new']} new), "
@@ -453,6 +469,9 @@ def main(argv=None):
       print(f"| one GRPO iteration, {w['grpo_prompts']} prompts × 2 samples "
             f"({w['prompt']}+{w['grpo_new']}) | {_fmt(p, 's')} | GRPOTrainer "
             f"{_fmt(t, 's')} | {_ratio(t, p)} |")
+      p, t = g("perl", "grpo", "cpu_sec"), g("trl", "grpo", "cpu_sec")
+      print(f"| one GRPO iteration, CPU seconds | {_fmt(p, 's')} | "
+            f"GRPOTrainer {_fmt(t, 's')} | {_ratio(t, p)} |")
     if "rm" in tasks:
       p, t = g("perl", "rm", "rss_gb"), g("trl", "rm", "rss_gb")
       print(f"| peak RSS, reward-model process | {_fmt(p, ' GB', 2)} | "
