@@ -62,7 +62,7 @@ SHAPES = {
 WORKLOADS = {"cpu": dict(pairs=8, tokens=256, roll=16, prompt=64, new=64,
                          grpo_prompts=8, grpo_new=64),
              "gpu": dict(pairs=16, tokens=1024, roll=64, prompt=256, new=256,
-                         grpo_prompts=32, grpo_new=256)}
+                         grpo_prompts=64, grpo_new=256)}
 TASKS = ("rm", "sample", "grpo")
 LORA_RANK, LORA_ALPHA, LR, TEMPERATURE = 8, 16.0, 1e-4, 0.7
 
