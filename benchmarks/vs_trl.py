@@ -82,6 +82,9 @@ def parse_args(argv=None):
   p.add_argument("--workdir", default="/tmp/perl_vs_trl")
   p.add_argument("--no_reward_trainer", action="store_true",
                  help="Skip TRL RewardTrainer (keep the plain PEFT loop).")
+  p.add_argument("--from_log", default=None,
+                 help="Reprint the tables from the per-process lines of an "
+                      "earlier run's output (e.g. one cut short).")
   p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   p.add_argument("--ckpt", default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
@@ -412,6 +415,8 @@ def main(argv=None):
   args = parse_args(argv)
   if args.worker:
     return run_worker(args)
+  if args.from_log:
+    return tables_from_log(args.from_log, WORKLOADS[args.device])
   shapes = (args.shapes or ("llama1b" if args.device == "gpu" else "peer,small")
             ).split(",")
   tasks = args.tasks.split(",")
@@ -443,6 +448,27 @@ def main(argv=None):
           runs.setdefault((side, task), []).append(r)
     tables[shape] = runs
   load_after = os.getloadavg()
+  print_tables(tables, tasks, w)
+  print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)} "
+        f"(on {os.cpu_count()} cores)")
+
+
+def tables_from_log(path: str, w: dict) -> None:
+  import ast
+  import re
+  tables = {}
+  line_re = re.compile(r"^  \[(\w+) round \d+\] (\w+)\s+(\w+)\s+(.*)$")
+  with open(path) as f:
+    for line in f:
+      m = line_re.match(line.rstrip("\n"))
+      if m:
+        shape, side, task, result = m.groups()
+        tables.setdefault(shape, {}).setdefault((side, task), []).append(
+            ast.literal_eval(result))
+  print_tables(tables, TASKS, w)
+
+
+def print_tables(tables, tasks, w) -> None:
   for shape, runs in tables.items():
     print(f"\n{shape}: " + ", ".join(f"{k}={v}" for k, v in SHAPES[shape].items()))
     print("| task | perl | TRL / HF | perl ÷ TRL throughput |")
@@ -476,8 +502,6 @@ def main(argv=None):
       p, t = g("perl", "rm", "rss_gb"), g("trl", "rm", "rss_gb")
       print(f"| peak RSS, reward-model process | {_fmt(p, ' GB', 2)} | "
             f"{_fmt(t, ' GB', 2)} | — |")
-  print(f"\nload average after: {' '.join(f'{x:.2f}' for x in load_after)} "
-        f"(on {os.cpu_count()} cores)")
 
 
 def _fmt(x, unit, digits=3):
