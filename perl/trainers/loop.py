@@ -18,6 +18,10 @@ loss or gradient norm stops the run at that step before anything of it is
 saved (`NonFiniteError`; with OptimizerConfig.skip_nonfinite the update is
 skipped and counted instead). SIGTERM (a preemption) saves at the next step
 boundary and returns; a rerun resumes from there.
+
+`perl.data.pipeline` (SeqIO + TensorFlow, about 1 GB of RSS) is imported
+only when a batch iterator is built, so a step fed from elsewhere (a
+benchmark, a notebook, an RL rollout) never loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import numpy as np
 from absl import logging
 
 from perl import checkpoints, partitioning
-from perl.data import pipeline
 from perl.trainers import core
 from perl.trainers.metrics import MetricWriter
 from perl.utils import run_lock
@@ -49,6 +52,7 @@ def check_inputs(*, task: str, splits: tuple[str, ...],
   that missing data or a bad checkpoint fails in one line before a model is
   built (and before MODEL_DIR is touched)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
   for split in dict.fromkeys(splits):
     try:
       ds = pipeline.get_dataset(task=task, split=split,
@@ -94,6 +98,7 @@ def train_batches(
                      f"{num_shards} input shards (processes).")
 
   def make(skip: int, input_state: str | None = None) -> Iterator[dict]:
+    from perl.data import pipeline  # pylint: disable=g-import-not-at-top
     ds = pipeline.get_dataset(
         task=task, split=split, feature_lengths=feature_lengths,
         batch_size=batch_size // num_shards, shard_info=(index, num_shards),
@@ -153,6 +158,7 @@ def eval_batches(
   so every batch has one shape (one compilation); n_real says how many rows
   are real. max_batches caps the batches over all members together.
   """
+  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
   index, num_shards = partitioner.data_shard_info()
   local = batch_size // num_shards
   pipeline.check_split(task, split)

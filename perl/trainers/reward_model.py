@@ -23,7 +23,6 @@ from absl import logging
 from flax import nnx
 
 from perl import checkpoints, losses, partitioning
-from perl.data import pipeline
 from perl.models import lora as lora_lib
 from perl.models.config import LoRAConfig, TransformerConfig
 from perl.models.heads import HEAD_NAME, RewardModule, packed_pair_scores
@@ -193,6 +192,8 @@ def train(
   then counts rows, and metrics count pairs); evaluation stays one pair per
   row. TASK_FEATURE_LENGTHS['packed'] sets the row length.
   """
+  # Here, not at module level: the step itself needs no TensorFlow (~1 GB).
+  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
   kind = pipeline.task_kind(mixture_or_task_name)
   pipeline.check_vocabulary_fits(mixture_or_task_name,
                                  vocab_size=model_config.vocab_size,

@@ -178,22 +178,24 @@ def _state_data_files(step_dir):
 
 
 def _flip_byte(step_dir):
-  """64 single-byte flips spread over the data file (as in issue 11): one
-  flip alone can land in bytes that no array reads."""
-  path = max(_state_data_files(step_dir), key=os.path.getsize)
-  size = os.path.getsize(path)
-  with open(path, "r+b") as f:
-    for i in range(1, 65):
-      f.seek(size * i // 65)
-      b = f.read(1)
-      f.seek(-1, 1)
-      f.write(bytes([b[0] ^ 0xFF]))
+  """64 single-byte flips spread over each data file (as in issue 11): one
+  flip alone can land in bytes that no array reads, and which of OCDBT's
+  files hold live arrays varies from run to run."""
+  for path in _state_data_files(step_dir):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+      for i in range(1, 65):
+        f.seek(size * i // 65)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def _truncate(step_dir):
-  path = max(_state_data_files(step_dir), key=os.path.getsize)
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
+  """Every data file cut in half (a save killed mid-write)."""
+  for path in _state_data_files(step_dir):
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def _empty_metadata(step_dir):

@@ -1,0 +1,192 @@
+r"""Where the LoRA reward-model step spends its time on CPU, next to PyTorch.
+
+    python benchmarks/rm_step_profile.py                   # peer shape (vs_trl.py)
+    python benchmarks/rm_step_profile.py --xla_flags="--xla_cpu_use_xnnpack=true"
+
+Prints, for the step of benchmarks/vs_trl.py (8 pairs x 256 tokens, Llama
+hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
+  step     the pieces of one train step: host->device copy of the batch
+           (arrays, bytes), forward only, forward+backward, the whole step
+           (AdamW included), each with its compiled FLOPs and GFLOP/s.
+  kernels  the step's kernels in isolation, JAX (XLA:CPU) and PyTorch when
+           it is importable: the projection matmuls at the step's shapes,
+           forward and the activation-gradient matmul, and attention forward
+           + backward (XLA's dot_product_attention vs torch SDPA, causal).
+Times are medians of --repeats runs, as wall seconds and as CPU seconds of
+this process (all threads: on a shared machine wall time includes waiting
+for a core). The load average is printed with them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--pairs", type=int, default=8)
+  p.add_argument("--tokens", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=5)
+  p.add_argument("--parts", default="step,kernels")
+  p.add_argument("--xla_flags", default="",
+                 help="Extra XLA_FLAGS for this run (set before jax loads).")
+  return p.parse_args(argv)
+
+
+def timed(fn, repeats):
+  fn()
+  wall, cpu = [], []
+  for _ in range(repeats):
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    wall.append(time.perf_counter() - t)
+    cpu.append(time.process_time() - c)
+  return statistics.median(wall), statistics.median(cpu)
+
+
+def flops_of(jitted, *args):
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def row(name, wall_cpu, flops=None):
+  wall, cpu = wall_cpu
+  rate = f"{flops / wall / 1e9:8.1f} GFLOP/s" if flops else ""
+  gf = f"{flops / 1e9:8.2f} GFLOP" if flops else ""
+  print(f"  {name:<44}{wall * 1e3:9.1f} ms wall {cpu * 1e3:9.1f} ms cpu "
+        f"{gf} {rate}", flush=True)
+
+
+def step_part(args):
+  import jax
+  import numpy as np
+  from flax import nnx
+  from perl import partitioning
+  from perl.models.config import LoRAConfig, llama3
+  from perl.models.heads import RewardModule
+  from perl.trainers import core, reward_model
+
+  cfg = llama3(vocab_size=32000, num_layers=4, embed_dim=512, num_heads=8,
+               num_kv_heads=8, head_dim=64, mlp_dim=1408, rope_theta=10000.0)
+  part = partitioning.Partitioner("data=-1")
+  module = part.create_sharded_model(lambda: RewardModule(
+      cfg, adapters={"reward": LoRAConfig(rank=8)}, rngs=nnx.Rngs(0)))
+  rm = reward_model.RewardModel(kind="preference")
+  trainer = core.Trainer(model=module,
+                         trainable=reward_model.trainable_filter("lora"),
+                         loss_fn=rm.loss_fn, optimizer=core.OptimizerConfig(),
+                         total_steps=100, partitioner=part)
+  b, t = args.pairs, args.tokens
+  rng = np.random.default_rng(0)
+  batch = {}
+  for side in ("chosen", "rejected"):
+    batch[f"{side}_tokens"] = rng.integers(3, 32000, (b, t), dtype=np.int32)
+    batch[f"{side}_segment_ids"] = np.ones((b, t), np.int32)
+    batch[f"{side}_positions"] = np.broadcast_to(
+        np.arange(t, dtype=np.int32), (b, t)).copy()
+  nbytes = sum(v.nbytes for v in batch.values())
+  print(f"step: {b} pairs x {t} tokens, one forward over {2 * b} rows "
+        f"(score_pairs), remat={cfg.remat_policy}; host->device per step: "
+        f"{len(batch)} int32 arrays, {nbytes / 1e3:.0f} kB (the batch only: "
+        f"the frozen base and the train state stay on device)")
+  row("host->device copy (shard_batch)",
+      timed(lambda: jax.block_until_ready(part.shard_batch(batch)),
+            args.repeats))
+  dev_batch = part.shard_batch(batch)
+  key = jax.random.key(0)
+  params, frozen = trainer.state.params, trainer.frozen
+
+  def fwd(p, f, bt, r):
+    model = nnx.merge(trainer.graphdef, p, f)
+    return rm.loss_fn(model, bt, r)[0]
+
+  fwd_j, grad_j = jax.jit(fwd), jax.jit(lambda *a: trainer._grads(*a)[0])  # pylint: disable=protected-access
+  row("forward (loss only)",
+      timed(lambda: jax.block_until_ready(fwd_j(params, frozen, dev_batch, key)),
+            args.repeats), flops_of(fwd_j, params, frozen, dev_batch, key))
+  row("forward + backward (LoRA grads)",
+      timed(lambda: jax.block_until_ready(grad_j(params, frozen, dev_batch, key)),
+            args.repeats), flops_of(grad_j, params, frozen, dev_batch, key))
+  trainer.train_step(batch, key)
+  step_flops = flops_of(trainer._step_fn, trainer.state, frozen, dev_batch, key)  # pylint: disable=protected-access
+  row("whole train step (train_step, AdamW)",
+      timed(lambda: jax.block_until_ready(trainer.train_step(batch, key)),
+            args.repeats), step_flops)
+
+
+def kernels_part(args):
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rows, d, qkv, mlp, h, hd = 2 * args.pairs * args.tokens, 512, 512, 1408, 8, 64
+  print(f"kernels: {rows} token rows, d={d}; fp32")
+  shapes = [("x@W q/k/v/o  [%d,%d]x[%d,%d]" % (rows, d, d, qkv), (rows, d, qkv)),
+            ("x@W gate/up  [%d,%d]x[%d,%d]" % (rows, d, d, mlp), (rows, d, mlp)),
+            ("dy@Wt down   [%d,%d]x[%d,%d]" % (rows, d, d, mlp), (rows, d, mlp)),
+            ("x@W down     [%d,%d]x[%d,%d]" % (rows, mlp, mlp, d), (rows, mlp, d))]
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  rng = np.random.default_rng(0)
+  for name, (m, k, n) in shapes:
+    a = rng.standard_normal((m, k), np.float32)
+    w = rng.standard_normal((k, n), np.float32)
+    flops = 2.0 * m * k * n
+    ja, jw = jnp.asarray(a), jnp.asarray(w)
+    mm = jax.jit(lambda x, y: x @ y)
+    row("jax   " + name, timed(lambda: mm(ja, jw).block_until_ready(),
+                               args.repeats), flops)
+    if torch is not None:
+      ta, tw = torch.from_numpy(a), torch.from_numpy(w)
+      row("torch " + name, timed(lambda: ta @ tw, args.repeats), flops)
+  bsz, t = 2 * args.pairs, args.tokens
+  q = rng.standard_normal((bsz, t, h, hd), np.float32)
+  attn_flops = 3 * 4.0 * bsz * h * t * t * hd  # fwd + 2x bwd, full square
+  mask = np.tril(np.ones((t, t), bool))[None, None]
+
+  def jattn(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, mask=mask).sum()
+  g = jax.jit(jax.grad(jattn, argnums=(0, 1, 2)))
+  jq = jnp.asarray(q)
+  row("jax   attention fwd+bwd (dense mask)",
+      timed(lambda: jax.block_until_ready(g(jq, jq, jq)), args.repeats),
+      attn_flops)
+  if torch is not None:
+    tq = torch.from_numpy(q.transpose(0, 2, 1, 3).copy())
+
+    def tattn():
+      x = [tq.clone().requires_grad_() for _ in range(3)]
+      torch.nn.functional.scaled_dot_product_attention(
+          *x, is_causal=True).sum().backward()
+    row("torch attention fwd+bwd (SDPA, is_causal)",
+        timed(tattn, args.repeats), attn_flops)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                             + args.xla_flags).strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  import jax
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} cores, XLA_FLAGS={os.environ['XLA_FLAGS']!r}; "
+        f"load average {os.getloadavg()[0]:.2f}", flush=True)
+  parts = args.parts.split(",")
+  if "step" in parts:
+    step_part(args)
+  if "kernels" in parts:
+    kernels_part(args)
+  print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+  main()
