@@ -92,11 +92,13 @@ def prefill(
   batch = prompt_tokens.shape[0]
   cache = KVCache.init(model.config, batch_size=batch, max_length=max_length)
   positions = prompt_positions(prompt_mask)
-  logits, cache = model(
+  hidden, cache = model.hidden_states(
       prompt_tokens, positions=positions, segment_ids=prompt_mask.astype(jnp.int32),
       cache=cache, adapter=adapter,
   )
-  return logits[:, -1], cache, positions[:, -1] + 1
+  # Only the last position predicts the first response token: projecting the
+  # other P-1 onto the vocabulary ([B, P, V]) would be pure waste.
+  return model.logits(hidden[:, -1]), cache, positions[:, -1] + 1
 
 
 def generate(

@@ -49,6 +49,12 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('vocab', 'model'),
     ('layers', None),
     ('lora_rank', None),
+    # KV cache [layers, batch, length, kv heads, head dim]: batch like the
+    # activations, whole KV heads on the model axis.
+    ('cache_batch', BATCH_MESH_AXES),
+    ('cache_length', None),
+    ('cache_heads', 'model'),
+    ('cache_kv', None),
     # Activations: sharded like their parameter counterparts except the
     # feature dim, which stays whole on each device.
     ('activation_batch', BATCH_MESH_AXES),

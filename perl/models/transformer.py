@@ -36,6 +36,12 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   return partitioning.with_sharding_constraint(x, axes)
 
 
+# Logical axes of the cache buffers: the layer axis stays whole (every layer
+# is written in place at its own index), batch and KV heads split like the
+# activations that write them.
+KV_CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv")
+
+
 @flax.struct.dataclass
 class KVCache:
   """Key/value buffers for all layers, stacked on a leading layer axis."""
@@ -59,11 +65,18 @@ class KVCache:
     )
     dtype = dtype or config.dtype
     return cls(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+        k=constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES),
+        v=constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES),
+        segment_ids=constrain(jnp.zeros((batch_size, max_length), jnp.int32),
+                              ("cache_batch", "cache_length")),
         index=jnp.zeros((), jnp.int32),
     )
+
+  @classmethod
+  def logical_axes(cls) -> "KVCache":
+    """Logical axis names of each field (for partitioning.logical_sharding)."""
+    return cls(k=KV_CACHE_AXES, v=KV_CACHE_AXES,
+               segment_ids=("cache_batch", "cache_length"), index=())
 
   @property
   def max_length(self) -> int:
@@ -167,11 +180,20 @@ class Attention(nnx.Module):
 
     new_kv = None
     if kv is not None:
-      cache_k, cache_v = kv
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      new_kv = (k, v)
+      # kv = (k, v, layer): the whole [L, B, S, K, D] buffers and this block's
+      # index. This step's keys and values are written in place at
+      # (layer, cache_index); only this layer's slice is read back. Returning
+      # the full buffers (never slicing and re-stacking them) lets XLA alias
+      # them through the layer loop and the decode loop: no full-cache copy.
+      cache_k, cache_v, layer = kv
+      start = (layer, 0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(
+          cache_k, k.astype(cache_k.dtype)[None], start)
+      cache_v = jax.lax.dynamic_update_slice(
+          cache_v, v.astype(cache_v.dtype)[None], start)
+      new_kv = (cache_k, cache_v)
+      k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
       k, v = k.astype(c.dtype), v.astype(c.dtype)
 
     if c.attn_logit_softcap is None:
@@ -330,12 +352,21 @@ class Transformer(nnx.Module):
     return self.logits(hidden), cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
+    """[..., V] float32 logits of [..., D] hidden states.
+
+    The matmul accumulates and returns float32 (preferred_element_type), so
+    bf16 models never round their logits to bf16: at |logit| 16-30 bf16's
+    spacing is 0.125, noise that would go straight into PPO ratios and KL.
+    """
     c = self.config
     if c.tie_embeddings:
-      logits = self.embedder.attend(hidden)
+      weight, spec = self.embedder.embedding[...], "...d,vd->...v"
     else:
-      logits = self.unembed(hidden)
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+      weight, spec = self.unembed.kernel[...], "...d,dv->...v"
+    logits = jnp.einsum(spec, hidden.astype(c.dtype), weight.astype(c.dtype),
+                        preferred_element_type=jnp.float32)
+    if logits.ndim == 3:
+      logits = constrain(logits, ("batch", "length", "vocab"))
     return _softcap(logits, c.final_logit_softcap)
 
   def hidden_states(
@@ -394,7 +425,7 @@ class Transformer(nnx.Module):
 
     windows = [c.layer_window(i) for i in range(c.num_layers)]
     block_fn = _block_call(c, adapter)
-    new_k = new_v = None
+    kv = None if cache is None else (cache.k, cache.v)
     if c.scan_layers:
       window_ok = jnp.stack([
           (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
@@ -404,35 +435,33 @@ class Transformer(nnx.Module):
           None if dropout_rng is None
           else jax.random.split(dropout_rng, c.num_layers)
       )
-      kv = None if cache is None else (cache.k, cache.v)
+      layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
 
-      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+      # The cache rides in the carry (not the scanned xs): each layer updates
+      # its own slot of the full buffer in place.
+      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def run_layers(block, x, window_ok, layer_kv, layer_rng):
+      def run_layers(block, carry, window_ok, layer_rng, layer):
+        x, kv = carry
+        layer_kv = None if kv is None else (*kv, layer)
         return block_fn(block, x, positions, mask, window_ok, layer_kv,
                         cache_index, layer_rng)
 
-      x, stacked_kv = run_layers(self.blocks, x, window_ok, kv, layer_rngs)
-      if cache is not None:
-        new_k, new_v = stacked_kv
+      x, kv = run_layers(self.blocks, (x, kv), window_ok, layer_rngs, layer_ids)
     else:
-      ks, vs = [], []
       for i, block in enumerate(self.blocks):
         w = windows[i]
         window_ok = (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
-        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+        layer_kv = None if kv is None else (*kv, i)
         layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x, layer_new_kv = block_fn(block, x, positions, mask, window_ok,
-                                   layer_kv, cache_index, layer_rng)
-        if cache is not None:
-          ks.append(layer_new_kv[0])
-          vs.append(layer_new_kv[1])
-      if cache is not None:
-        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+        x, kv = block_fn(block, x, positions, mask, window_ok, layer_kv,
+                         cache_index, layer_rng)
 
     hidden = self.final_norm(x)
     if cache is not None:
-      cache = KVCache(k=new_k, v=new_v, segment_ids=k_seg, index=cache_index + t)
+      cache = KVCache(k=constrain(kv[0], KV_CACHE_AXES),
+                      v=constrain(kv[1], KV_CACHE_AXES),
+                      segment_ids=k_seg, index=cache_index + t)
     return hidden, cache
 
 
