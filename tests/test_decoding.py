@@ -213,3 +213,16 @@ def test_prefill_projects_only_the_last_position_onto_the_vocabulary():
   full, _ = model(PROMPTS, positions=decoding.prompt_positions(jnp.array(MASK)),
                   segment_ids=MASK)
   np.testing.assert_allclose(logits, full[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.3, 8.0])  # flat: full-sort fallback; peaked: top_k only
+def test_top_p_from_top_k_candidates_equals_the_full_sort(scale):
+  logits = scale * jax.random.normal(jax.random.key(3), (4, 2000))
+  for top_p in (0.5, 0.9):
+    want = decoding._top_p_cutoff_sorted(logits, top_p)
+    got = jax.jit(decoding._top_p_cutoff, static_argnums=(1, 2))(logits, top_p, 16)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  # The peaked case never needs the whole sort: 16 candidates cover 0.9.
+  probs = jax.nn.softmax(logits)
+  covered = bool(jnp.all(jax.lax.top_k(probs, 16)[0].sum(-1) >= 0.9))
+  assert covered == (scale > 1.0)
