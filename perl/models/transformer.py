@@ -358,16 +358,28 @@ class Transformer(nnx.Module):
     bf16 models never round their logits to bf16: at |logit| 16-30 bf16's
     spacing is 0.125, noise that would go straight into PPO ratios and KL.
     """
+    return self.logits_fn()(hidden)
+
+  def logits_fn(self):
+    """A pure `hidden -> logits` function over this model's output weights.
+
+    The weights are read once here, so the function can run inside
+    lax.scan / jax.checkpoint (perl/logprobs.py) without touching nnx state.
+    """
     c = self.config
     if c.tie_embeddings:
       weight, spec = self.embedder.embedding[...], "...d,vd->...v"
     else:
       weight, spec = self.unembed.kernel[...], "...d,dv->...v"
-    logits = jnp.einsum(spec, hidden.astype(c.dtype), weight.astype(c.dtype),
-                        preferred_element_type=jnp.float32)
-    if logits.ndim == 3:
-      logits = constrain(logits, ("batch", "length", "vocab"))
-    return _softcap(logits, c.final_logit_softcap)
+
+    def fn(hidden):
+      logits = jnp.einsum(spec, hidden.astype(c.dtype), weight.astype(c.dtype),
+                          preferred_element_type=jnp.float32)
+      if logits.ndim == 3:
+        logits = constrain(logits, ("batch", "length", "vocab"))
+      return _softcap(logits, c.final_logit_softcap)
+
+    return fn
 
   def hidden_states(
       self,
