@@ -152,13 +152,13 @@ class Attention(nnx.Module):
         LoRADense, adapters=adapters, param_dtype=c.param_dtype, dtype=c.dtype,
         rngs=rngs,
     )
-    self.q = dense(c.embed_dim, c.num_heads * c.head_dim, name="q",
+    self.q = dense(c.embed_dim, c.num_heads * c.head_dim, name="q", head_dim=c.head_dim,
                    axes=("embed", "heads"), use_bias=c.qkv_bias)
-    self.k = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="k",
+    self.k = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="k", head_dim=c.head_dim,
                    axes=("embed", "kv_heads"), use_bias=c.qkv_bias)
-    self.v = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="v",
+    self.v = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="v", head_dim=c.head_dim,
                    axes=("embed", "kv_heads"), use_bias=c.qkv_bias)
-    self.o = dense(c.num_heads * c.head_dim, c.embed_dim, name="o",
+    self.o = dense(c.num_heads * c.head_dim, c.embed_dim, name="o", head_dim=c.head_dim,
                    axes=("heads", "embed"))
 
   def __call__(
