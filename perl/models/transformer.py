@@ -24,11 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perl import partitioning
+from perl.models import attention as attention_lib
 from perl.models.config import LoRAConfig, RopeScaling, TransformerConfig
 from perl.models.lora import LoRADense
-
-# Large negative instead of -inf so fully masked (padding) rows stay finite.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
@@ -165,6 +163,7 @@ class Attention(nnx.Module):
       self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
       kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
       adapter: str | None, rng: jax.Array | None,
+      segment_ids: jax.Array | None = None, full_sequence: bool = False,
   ):
     c = self.config
     b, t, _ = x.shape
@@ -196,29 +195,14 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
       k, v = k.astype(c.dtype), v.astype(c.dtype)
 
-    if c.attn_logit_softcap is None:
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=mask[:, None], scale=c.attention_scale
-      )
-    else:
-      # jax.nn.dot_product_attention has no logit soft-cap (Gemma 2).
-      out = _softcapped_attention(q, k, v, mask, c.attention_scale, c.attn_logit_softcap)
+    out = attention_lib.attention(
+        q, k, v, mask=mask, segment_ids=segment_ids, scale=c.attention_scale,
+        softcap=c.attn_logit_softcap, impl=c.attention_impl,
+        full_sequence=full_sequence)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     out = self.o(out.reshape(b, t, c.num_heads * c.head_dim), adapter=adapter,
                  dropout_rng=rngs[3])
     return out, new_kv
-
-
-def _softcapped_attention(q, k, v, mask, scale, cap):
-  b, t, h, d = q.shape
-  kh = k.shape[2]
-  q = q.reshape(b, t, kh, h // kh, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
-  logits = _softcap(logits, cap)
-  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -267,7 +251,7 @@ class Block(nnx.Module):
       self.post_mlp_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
 
   def __call__(self, x, *, positions, mask, window_ok, kv, cache_index,
-               adapter, rng):
+               adapter, rng, segment_ids=None, full_sequence=False):
     attn_rng = mlp_rng = None
     if rng is not None:
       attn_rng, mlp_rng = jax.random.split(rng)
@@ -275,6 +259,7 @@ class Block(nnx.Module):
     h, new_kv = self.attn(
         self.pre_attn_norm(x), positions=positions, mask=mask, kv=kv,
         cache_index=cache_index, adapter=adapter, rng=attn_rng,
+        segment_ids=segment_ids, full_sequence=full_sequence,
     )
     if self.post_norms:
       h = self.post_attn_norm(h)
@@ -436,7 +421,9 @@ class Transformer(nnx.Module):
     x = constrain(x, ("batch", "length", "embed"))
 
     windows = [c.layer_window(i) for i in range(c.num_layers)]
-    block_fn = _block_call(c, adapter)
+    # The fused attention kernels cover full-sequence causal attention.
+    full_sequence = cache is None and c.sliding_window is None
+    block_fn = _block_call(c, adapter, segment_ids, full_sequence)
     kv = None if cache is None else (cache.k, cache.v)
     if c.scan_layers:
       window_ok = jnp.stack([
@@ -477,12 +464,14 @@ class Transformer(nnx.Module):
     return hidden, cache
 
 
-def _block_call(config: TransformerConfig, adapter: str | None):
+def _block_call(config: TransformerConfig, adapter: str | None,
+                segment_ids: jax.Array, full_sequence: bool):
   """block(x, ...) with the configured rematerialisation applied."""
 
   def call(block, x, positions, mask, window_ok, kv, cache_index, rng):
     return block(x, positions=positions, mask=mask, window_ok=window_ok, kv=kv,
-                 cache_index=cache_index, adapter=adapter, rng=rng)
+                 cache_index=cache_index, adapter=adapter, rng=rng,
+                 segment_ids=segment_ids, full_sequence=full_sequence)
 
   if config.remat_policy == "none":
     return call
