@@ -18,9 +18,10 @@ RL step (full with separate copies, LoRA separate, LoRA on the Hydra
 backbone; 16 x (512 + 512) tokens), and one decode step (one token for the
 whole batch against a 1,024-slot KV cache, donated) at batch 1, 16, 64 and
 256. Llama-3.2-1B and Llama-2-7B shapes (benchmarks/rl_memory.py SIZES),
-bf16, remat full, LoRA r=8 on q,k,v,o. Layers are unrolled (scan_layers=False):
-XLA's cost analysis counts a while-loop body once, so under nnx.scan the
-FLOPs and bytes of all but one layer would be missing. Measured rows are
+bf16, remat full, LoRA r=8 on q,k,v,o. Memory comes from the full-depth
+program with scanned layers; FLOPs and bytes from unrolled 1- and 2-layer
+compiles, c(L) = c1 + (L-1)(c2 - c1) (XLA's cost analysis counts a while
+body once, so the scanned program would hide L-1 layers). Measured rows are
 kept in benchmarks/results/tpu_aot.json (one compile at a time; a 7B
 compile needs several GiB of host memory), and RESULTS.md is rendered from
 all of them, so a partial run updates only its rows.
@@ -28,6 +29,7 @@ all of them, so a partial run updates only its rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -56,6 +58,7 @@ SLICES = {
     ("v5p", "7b"): ("v5p:2x2x2", (2, 2, 1)),
 }
 RM_SETUPS = ("rm-lora", "rm-full")
+# Attention alone: the XLA reference vs the Pallas splash kernel (AOT for TPU).
 RL_SETUPS = ("rl-full-separate", "rl-lora-separate", "rl-lora-hydra")
 DECODE_BATCHES = (1, 16, 64, 256)
 
@@ -68,6 +71,7 @@ def row_keys(args):
         keys.append((chip, size, step))
       for b in DECODE_BATCHES:
         keys.append((chip, size, f"decode-b{b}"))
+      keys += [(chip, size, "attn-xla"), (chip, size, "attn-splash")]
   return [k for k in keys if all(part in "/".join(k) for part in args.only.split("+"))]
 
 
@@ -77,7 +81,7 @@ def _model_config(size, args):
   from perl.models import config as model_config
   return model_config.TransformerConfig(
       **rl_memory.SIZES[size], param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-      remat_policy="full", scan_layers=False)
+      remat_policy="full", scan_layers=True)
 
 
 def _devices(chip, size):
@@ -177,6 +181,31 @@ def compile_decode(cfg, partitioner, batch_size, args):
   return compiled, weight_bytes, cache_bytes
 
 
+def compile_attention(cfg, partitioner, impl, args):
+  """One layer's attention, forward + backward, at the RM step's shapes."""
+  import jax
+  import jax.numpy as jnp
+  from perl.models import attention
+  b, t = args.rm_batch_size * 2, args.rm_seq_len
+  q = jax.ShapeDtypeStruct((b, t, cfg.num_heads, cfg.head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((b, t, cfg.num_kv_heads, cfg.head_dim), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+
+  def loss(q, k, v, seg):
+    slot = jnp.arange(t)
+    mask = ((slot[None, None, :] <= slot[None, :, None])
+            & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0))
+    out = attention.attention(q, k, v, mask=mask, segment_ids=seg,
+                              scale=cfg.attention_scale, softcap=None, impl=impl,
+                              full_sequence=True)
+    return jnp.sum(out.astype(jnp.float32))
+
+  bs = partitioner.batch_sharding(4)
+  fn = partitioner.jit(jax.grad(loss, argnums=(0, 1, 2)),
+                       in_shardings=(bs, bs, bs, partitioner.batch_sharding(2)))
+  return fn.lower(q, kv, kv, seg).compile()
+
+
 def measure(key, args):
   chip, size, step = key
   import jax
@@ -189,35 +218,52 @@ def measure(key, args):
   extra = {}
   t0 = time.time()
   if step.startswith("rm-"):
-    compiled = compile_rm(cfg, partitioner, step[3:], args)
+    build = lambda c: compile_rm(c, partitioner, step[3:], args)
     config = f"{args.rm_batch_size} pairs x {args.rm_seq_len} tok, {step[3:]}"
+  elif step.startswith("attn-"):
+    os.environ["PERL_SPLASH_INTERPRET"] = "0"  # the Mosaic TPU kernel, not the interpreter
+    build = lambda c: compile_attention(c, partitioner, step[5:], args)
+    config = (f"one layer fwd+bwd, {2 * args.rm_batch_size} x {args.rm_seq_len} tok, "
+              f"causal + segment ids")
   elif step.startswith("rl-"):
-    compiled = compile_rl(cfg, partitioner, step[3:], args)
+    build = lambda c: compile_rl(c, partitioner, step[3:], args)
     config = f"{args.rl_batch_size} x ({args.prompt_length}+{args.response_length}) tok"
   else:
     b = int(step.split("-b")[1])
-    # Decode shards the batch (data) and heads (model) where they divide.
-    model_axis = min(n, cfg.num_kv_heads)
-    while n % model_axis or (b * model_axis) % n and b % (n // model_axis):
+    # Decode shards the batch (data) and KV heads (model) where they divide.
+    model_axis = n
+    while model_axis > 1 and (cfg.num_kv_heads % model_axis or b % (n // model_axis)):
       model_axis //= 2
     data_axis = n // model_axis
-    if b % data_axis:
-      data_axis, model_axis = 1, n
     partitioner = partitioning.Partitioner(partitioning.create_mesh(
         f"data={data_axis},model={model_axis}", devices=devices))
-    compiled, weight_bytes, cache_bytes = compile_decode(cfg, partitioner, b, args)
-    # Weights and cache per chip: sharded over the model axis (weights) and
-    # data x model (cache).
-    extra = dict(weights_gib_total=weight_bytes / 2**30, cache_gib_total=cache_bytes / 2**30,
-                 mesh=f"data={data_axis},model={model_axis}")
+    sizes = {}
+
+    def build(c):
+      compiled, sizes["weights"], sizes["cache"] = compile_decode(c, partitioner, b, args)
+      return compiled
+    extra = dict(mesh=f"data={data_axis},model={model_axis}")
     config = f"batch {b}, cache {args.prompt_length + args.response_length} slots"
+  if step.startswith("attn-"):
+    compiled = build(cfg)
+    flops, nbytes = _cost(compiled)
+  else:
+    # FLOPs and bytes: XLA's cost analysis counts a while body once, so the
+    # scanned model hides L-1 layers. Unrolled 1- and 2-layer compiles give
+    # the exact linear count for uniform layers: c(L) = c1 + (L-1)(c2 - c1).
+    f1, b1 = _cost(build(dataclasses.replace(cfg, num_layers=1, scan_layers=False)))
+    f2, b2 = _cost(build(dataclasses.replace(cfg, num_layers=2, scan_layers=False)))
+    flops = f1 + (cfg.num_layers - 1) * (f2 - f1)
+    nbytes = b1 + (cfg.num_layers - 1) * (b2 - b1)
+    # Memory: the full-depth program with scanned layers (as configs/models).
+    compiled = build(cfg)
+    if step.startswith("decode-"):
+      extra.update(weights_gib_total=sizes["weights"] / 2**30,
+                   cache_gib_total=sizes["cache"] / 2**30)
   mem = compiled.memory_analysis()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
   spec = CHIPS[chip]
-  flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   return dict(
       chip=chip, size=size, step=step, topology=topo, chips=n,
       date=datetime.date.today().isoformat(), commit=_commit(), jax=jax.__version__,
@@ -225,6 +271,12 @@ def measure(key, args):
       args_gib=mem.argument_size_in_bytes / 2**30, flops=flops, bytes=nbytes,
       roofline_ms=1e3 * max(flops / spec["flops"], nbytes / spec["hbm_bw"]),
       compile_s=time.time() - t0, **extra)
+
+
+def _cost(compiled):
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def _commit():
@@ -253,10 +305,13 @@ def render(rows: dict) -> str:
       "max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth) with published chip peaks:",
       "v5e 197 TFLOP/s, 819 GB/s, 16 GiB; v5p 459 TFLOP/s, 2,765 GB/s, 95 GiB.",
       "Llama-3.2-1B shapes (16 layers, d 2048, vocab 128,256, tied) and Llama-2-7B",
-      "shapes (32 layers, d 4096, vocab 32,000); bf16 weights, remat full, layers",
-      "unrolled (XLA's cost analysis counts a while body once, so scanned layers would",
-      "hide all but one layer's FLOPs), LoRA r=8 on q,k,v,o; FSDP over the slice",
-      "(decode: data x model mesh, one token per row against a donated 1,024-slot cache).",
+      "shapes (32 layers, d 4096, vocab 32,000); bf16 weights, remat full, LoRA r=8 on",
+      "q,k,v,o; FSDP over the slice (decode: data x model mesh, one token per row",
+      "against a donated 1,024-slot KV cache). Memory: the full-depth program with",
+      "scanned layers. FLOPs/bytes: XLA's cost analysis counts a while body once, so",
+      "they come from unrolled 1- and 2-layer compiles, c(L) = c1 + (L-1)(c2 - c1),",
+      "exact for uniform layers. Pallas kernels are opaque to the cost analysis (the",
+      "attn-splash row's FLOPs read 0; its bytes are the kernel's operands).",
       "",
       "## Steps",
       "",
@@ -271,6 +326,11 @@ def render(rows: dict) -> str:
         f"{r['step']} | {r['config']}{', mesh ' + r['mesh'] if 'mesh' in r else ''} | "
         f"{r['peak_gib']:.2f} | {r['temp_gib']:.2f} | {r['flops'] / 1e9:,.1f} | "
         f"{r['bytes'] / 1e9:,.2f} | {r['roofline_ms']:.2f} |")
+  grid = row_keys(argparse.Namespace(chips=",".join(CHIPS), sizes="1b,7b", only=""))
+  missing = ["/".join(k) for k in grid if "/".join(k) not in rows]
+  if missing:
+    lines += ["", "Not measured yet (each row is one `--only=` run away, e.g. "
+              f"`--only={missing[0].replace('/', '+')}`): " + ", ".join(missing) + "."]
   lines += ["", "## Targets", "",
             "| device/topology | model | target | measured | met |",
             "| --- | --- | --- | --- | --- |"]
@@ -340,6 +400,9 @@ def main(argv=None):
             f"{r['flops'] / 1e9:10,.0f} GFLOP  {r['bytes'] / 1e9:8,.2f} GB  roofline "
             f"{r['roofline_ms']:8.2f} ms  ({r['compile_s']:.0f}s)", flush=True)
       os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
+      if os.path.exists(RESULTS_JSON):  # keep rows another run wrote meanwhile
+        with open(RESULTS_JSON) as f:
+          rows = {**json.load(f), **rows}
       with open(RESULTS_JSON, "w") as f:
         json.dump(rows, f, indent=1, sort_keys=True)
   with open(RESULTS_MD, "w") as f:
