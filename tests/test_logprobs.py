@@ -92,3 +92,24 @@ def test_logits_are_float32_from_the_matmul():
   assert unembed and all("bf16" in l for l in unembed), unembed
   # Never a bf16 [B, T, V] (the old dot-in-bf16-then-convert).
   assert f"{B}x{T - 1}x{V}xbf16" not in text
+
+
+def test_sft_step_holds_no_full_vocabulary_logits():
+  from perl.trainers import sft
+  model = _model(remat_policy="full", scan_layers=True)
+  graphdef, state = nnx.split(model)
+  inputs, targets = _inputs()
+  batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+           "decoder_loss_weights": jnp.ones_like(targets)}
+
+  def loss(state):
+    loss_sum, denom, _ = sft.SftModel(chunk_size=8).loss_fn(nnx.merge(graphdef, state), batch, None)
+    return loss_sum / denom
+
+  hlo_text = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+  n = T - 1
+  assert f"f32[{B},{n},{V}]" not in hlo_text and f"f32[{B * n},{V}]" not in hlo_text
+  # Same loss as the dense cross-entropy.
+  logits, _ = model(inputs, segment_ids=jnp.ones_like(targets))
+  want, _ = _reference(logits, targets, 1.0)
+  np.testing.assert_allclose(loss(state), -want.mean(), rtol=1e-5)
