@@ -85,7 +85,7 @@ def make_step(setup, graphdefs, tx, prompt_length):
   from perl.models.heads import gather_last
   from perl.models.hydra import sequence_positions
   from perl.rl import objectives
-  from perl.trainers.policy import token_logprobs
+  from perl import logprobs as logprobs_lib
 
   def merge(train, frozen):
     # Fresh Variables on every merge: the step merges at two trace levels
@@ -102,33 +102,33 @@ def make_step(setup, graphdefs, tx, prompt_length):
     m = merge(train, frozen)
     targets = tokens[:, prompt_length:]
 
-    def response_logits(transformer, adapter):
+    def response_logp(transformer, adapter):
+      # Chunked under remat, as the trainers: no [B, N, V] logits.
       hidden, _ = transformer.hidden_states(tokens, adapter=adapter, **fwd)
-      return transformer.logits(hidden[:, prompt_length - 1:-1])
+      return logprobs_lib.token_logprobs(
+          transformer.logits_fn(), hidden[:, prompt_length - 1:-1], targets)["logp"]
 
     # Rollout scoring: reward and anchor log-probs (no gradients).
     if setup == "lora-hydra":
       scores = m["hydra"].reward(tokens, **fwd)
-      anchor_logits = response_logits(m["hydra"].backbone, None)
+      anchor_logp = response_logp(m["hydra"].backbone, None)
     else:
       scores = m["reward"](tokens, **fwd)
-      anchor_logits = response_logits(m["anchor"], None)
-    anchor_logp = token_logprobs(anchor_logits, targets)
+      anchor_logp = response_logp(m["anchor"], None)
     scores, anchor_logp = jax.lax.stop_gradient((scores, anchor_logp))
 
     def loss(train):
       m = merge(train, frozen)
       if setup == "lora-hydra":
-        logits = response_logits(m["hydra"].backbone, "policy")
+        logp = response_logp(m["hydra"].backbone, "policy")
         values = m["hydra"].values(tokens, **fwd)[:, prompt_length - 1]
       else:
-        logits = response_logits(m["policy"],
-                                 "policy" if setup == "lora-separate" else None)
+        logp = response_logp(m["policy"],
+                             "policy" if setup == "lora-separate" else None)
         value_module = m["value"]
         hidden, _ = value_module.backbone.hidden_states(
             tokens, adapter="value" if setup == "lora-separate" else None, **fwd)
         values = value_module.head(hidden)[:, prompt_length - 1]
-      logp = token_logprobs(logits, targets)
       kl = ((logp - anchor_logp) * mask).sum(1)
       ret = 0.95 * scores - 0.05 * jax.lax.stop_gradient(kl)
       pg, n = objectives.policy_gradient_loss(logp, ret - jax.lax.stop_gradient(values), mask)

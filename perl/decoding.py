@@ -66,6 +66,41 @@ def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
+# Candidates lax.top_k hands to top-p before any full-vocabulary sort.
+TOP_P_CANDIDATES = 256
+
+
+def _top_p_cutoff_sorted(logits: jax.Array, top_p: float) -> jax.Array:
+  """Reference nucleus cutoff: sorts the whole vocabulary."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  # Mass strictly before each sorted token; keep tokens while it is < top_p,
+  # so the most likely token always survives.
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p
+  return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+
+
+def _top_p_cutoff(logits: jax.Array, top_p: float, candidates: int) -> jax.Array:
+  """Nucleus cutoff from lax.top_k candidates; exact.
+
+  The nucleus is almost always far smaller than the vocabulary, so the
+  `candidates` most likely tokens (lax.top_k: a partial selection, not a
+  sort of all V) decide it. Only when some row's candidates hold less than
+  `top_p` of the mass does the full sort run (lax.cond), so the result equals
+  `_top_p_cutoff_sorted` in every case.
+  """
+  k = min(candidates, logits.shape[-1])
+  values = jax.lax.top_k(logits, k)[0]  # descending
+  probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep = mass_before < top_p
+  cutoff = jnp.min(jnp.where(keep, values, jnp.inf), axis=-1, keepdims=True)
+  covered = jnp.all(jnp.sum(probs, axis=-1) >= top_p) | (k == logits.shape[-1])
+  return jax.lax.cond(covered, lambda: cutoff,
+                      lambda: _top_p_cutoff_sorted(logits, top_p))
+
+
 def process_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
   """Temperature, top-k and top-p applied to [B, V] float32 logits."""
   logits = logits / jnp.maximum(config.temperature, 1e-6)
@@ -74,13 +109,9 @@ def process_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
     kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, neg, logits)
   if config.top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Mass strictly before each sorted token; keep tokens while it is < top_p,
-    # so the most likely token always survives.
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < config.top_p
-    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    # After top-k only top_k tokens have mass: they are the candidates.
+    candidates = min(config.top_k, TOP_P_CANDIDATES) if config.top_k else TOP_P_CANDIDATES
+    cutoff = _top_p_cutoff(logits, config.top_p, candidates)
     logits = jnp.where(logits < cutoff, neg, logits)
   return logits
 
@@ -99,11 +130,13 @@ def prefill(
   batch = prompt_tokens.shape[0]
   cache = KVCache.init(model.config, batch_size=batch, max_length=max_length)
   positions = prompt_positions(prompt_mask)
-  logits, cache = model(
+  hidden, cache = model.hidden_states(
       prompt_tokens, positions=positions, segment_ids=prompt_mask.astype(jnp.int32),
       cache=cache, adapter=adapter,
   )
-  return logits[:, -1], cache, positions[:, -1] + 1
+  # Only the last position predicts the first response token: projecting the
+  # other P-1 onto the vocabulary ([B, P, V]) would be pure waste.
+  return model.logits(hidden[:, -1]), cache, positions[:, -1] + 1
 
 
 def generate(

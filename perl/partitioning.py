@@ -49,6 +49,12 @@ DEFAULT_LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('vocab', 'model'),
     ('layers', None),
     ('lora_rank', None),
+    # KV cache [layers, batch, length, kv heads, head dim]: batch like the
+    # activations, whole KV heads on the model axis.
+    ('cache_batch', BATCH_MESH_AXES),
+    ('cache_length', None),
+    ('cache_heads', 'model'),
+    ('cache_kv', None),
     # Activations: sharded like their parameter counterparts except the
     # feature dim, which stays whole on each device.
     ('activation_batch', BATCH_MESH_AXES),
@@ -147,17 +153,28 @@ def _filter_rules(rules: LogicalRules, mesh) -> tuple[tuple[str, Any], ...]:
   return tuple(out)
 
 
-def _fit_to_shape(spec: P, shape: Sequence[int] | None, mesh_shape) -> P:
-  """Applies the divisibility fallback described in the module docstring."""
+def _fit_to_shape(spec: P, shape: Sequence[int] | None, mesh_shape,
+                  units: Sequence[int] | None = None) -> P:
+  """Applies the divisibility fallback described in the module docstring.
+
+  `units` (aligned with the trailing dims of `shape`) makes a dim splittable
+  only into whole units: a fused [embed, kv_heads * head_dim] kernel has
+  unit head_dim on its last dim, so a 'model' axis larger than the KV-head
+  count replicates it instead of cutting heads apart.
+  """
   if shape is None:
     return spec
+  units = tuple(units or ())
+  units = (1,) * (len(shape) - len(units)) + units[-len(shape):] if units else (
+      (1,) * len(shape))
   dims = []
   for i, axes in enumerate(spec):
     if axes is None or i >= len(shape):
       dims.append(axes)
       continue
     group = (axes,) if isinstance(axes, str) else tuple(axes)
-    while group and shape[i] % math.prod(mesh_shape[a] for a in group):
+    whole = shape[i] // units[i] if shape[i] % units[i] == 0 else shape[i]
+    while group and whole % math.prod(mesh_shape[a] for a in group):
       group = group[:-1]
     dims.append(None if not group else (group[0] if len(group) == 1
                                         else group))
@@ -170,6 +187,7 @@ def logical_to_mesh_axes(
     *,
     mesh: jax.sharding.Mesh | None = None,
     shape: Sequence[int] | None = None,
+    units: Sequence[int] | None = None,
 ) -> P:
   """Logical names -> mesh PartitionSpec (with fallback if `shape` given)."""
   if logical_axes is None:
@@ -179,7 +197,7 @@ def logical_to_mesh_axes(
     rules = _filter_rules(rules, mesh)
   spec = linen_spmd.logical_to_mesh_axes(tuple(logical_axes), list(rules))
   if mesh is not None:
-    spec = _fit_to_shape(spec, shape, _mesh_shape(mesh))
+    spec = _fit_to_shape(spec, shape, _mesh_shape(mesh), units)
   return spec
 
 
@@ -218,7 +236,8 @@ def state_shardings(
       value = x.get_value()
       spec = logical_to_mesh_axes(
           _variable_logical_axes(x), rules, mesh=mesh,
-          shape=getattr(value, 'shape', None))
+          shape=getattr(value, 'shape', None),
+          units=x.get_metadata().get('shard_units'))
       return x.replace(NamedSharding(mesh, spec))
     if hasattr(x, 'shape'):
       return NamedSharding(mesh, P())

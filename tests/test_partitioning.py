@@ -1,4 +1,6 @@
 """Mesh, rules and sharding on 8 fake CPU devices (see conftest.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,10 +141,40 @@ def test_sharded_forward_backward_matches_single_device():
     np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5,
                                atol=1e-5, err_msg=jax.tree_util.keystr(path))
   assert grads['l1']['kernel'][...].sharding.spec == P('fsdp', 'model')
-  # The activation constraint was applied inside the jitted graph.
+  # The activation constraints are in the jitted graph, with the mesh axes
+  # the rules give: h ('batch', 'mlp') and y ('batch', 'embed').
   hlo = step.lower(partitioner.shard_state(state),
                    partitioner.shard_batch({'x': x})).as_text()
-  assert 'sharding' in hlo
+  assert _constraints(hlo) >= {
+      ('[{"data", "fsdp"}, {"model"}]', 'tensor<8x32xf32>'),
+      ('[{"data", "fsdp"}, {}]', 'tensor<8x16xf32>')}, _constraints(hlo)
+
+
+def _constraints(stablehlo_text):
+  """{(mesh axes per dim, tensor type)} of the sdy.sharding_constraint ops."""
+  return set(re.findall(
+      r'sdy\.sharding_constraint %\S+ <@mesh, (\[.*?\])> : (tensor<[^>]*>)',
+      stablehlo_text))
+
+
+def test_sharding_constraints_vanish_without_with_sharding_constraint(
+    monkeypatch):
+  """The check above sees the constraints, not shardings of the arguments."""
+  graphdef, state = nnx.split(_make_mlp())
+  partitioner = pt.Partitioner('data=2,fsdp=2,model=2')
+  shardings = partitioner.state_shardings(state)
+  x = {'x': np.zeros((8, 16), np.float32)}
+
+  def lowered():
+    step = partitioner.jit(
+        lambda s, b: _loss(graphdef, s, b['x']),
+        in_shardings=(shardings, {'x': partitioner.batch_sharding(2)}))
+    return step.lower(partitioner.shard_state(state),
+                      partitioner.shard_batch(x)).as_text()
+
+  assert _constraints(lowered())
+  monkeypatch.setattr(pt, 'with_sharding_constraint', lambda x, axes: x)
+  assert not _constraints(lowered())
 
 
 def test_with_sharding_constraint_noop_outside_context():

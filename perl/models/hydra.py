@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from perl import logprobs as logprobs_lib
 from perl.models.config import LoRAConfig, TransformerConfig
 from perl.models.heads import ScalarHead, gather_last
 from perl.models.transformer import Transformer
@@ -81,6 +82,24 @@ class HydraModule(nnx.Module):
         tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
         dropout_rng=dropout_rng)
     return self.backbone.logits(hidden[:, prompt_length - 1:-1])
+
+  def response_logprobs(self, tokens, *, positions, segment_ids, prompt_length: int,
+                        adapter: str | None = POLICY, dropout_rng=None,
+                        temperature: float = 1.0, with_entropy: bool = False,
+                        chunk_size: int = 256) -> dict[str, jax.Array]:
+    """{"logp": [B, N]} (and "entropy") of the N response tokens.
+
+    Computed in sequence chunks under remat (perl/logprobs.py), so the
+    [B, N, V] float32 logits never exist; logits are divided by
+    `temperature` first.
+    """
+    hidden, _ = self.backbone.hidden_states(
+        tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
+        dropout_rng=dropout_rng)
+    return logprobs_lib.token_logprobs(
+        self.backbone.logits_fn(), hidden[:, prompt_length - 1:-1],
+        tokens[:, prompt_length:], temperature=temperature,
+        with_entropy=with_entropy, chunk_size=chunk_size)
 
   def values(self, tokens, *, positions, segment_ids, dropout_rng=None) -> jax.Array:
     """[B, T] value estimate after each position."""

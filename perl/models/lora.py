@@ -34,21 +34,30 @@ class LoRADense(nnx.Module):
       axes: Axes,
       adapters: Mapping[str, LoRAConfig],
       use_bias: bool = False,
+      head_dim: int | None = None,
       param_dtype: Any = jnp.float32,
       dtype: Any = jnp.float32,
       rngs: nnx.Rngs,
   ):
     self.name = name
     self.dtype = dtype
+    # A fused heads dim ("heads"/"kv_heads" x head_dim) shards in whole heads
+    # only (perl/partitioning.py's `shard_units`).
+    units = {}
+    if head_dim:
+      head_axis = 1 if axes[1] in ("heads", "kv_heads") else 0
+      units = {"shard_units": (head_dim, 1) if head_axis == 0 else (1, head_dim)}
+    out_units = {"shard_units": (1, head_dim)} if units and head_axis == 1 else {}
     kernel_init = nnx.with_partitioning(
-        nnx.initializers.lecun_normal(), axes
+        nnx.initializers.lecun_normal(), axes, **units
     )
     self.kernel = nnx.Param(
         kernel_init(rngs.params(), (in_features, out_features), param_dtype)
     )
     self.bias = (
         nnx.Param(
-            nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],))(
+            nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],),
+                                  **({"shard_units": (head_dim,)} if out_units else {}))(
                 rngs.params(), (out_features,), param_dtype
             )
         )
@@ -68,8 +77,9 @@ class LoRADense(nnx.Module):
           out_features,
           dtype=dtype,
           param_dtype=jnp.float32,
-          a_metadata={"out_sharding": (axes[0], "lora_rank")},
-          b_metadata={"out_sharding": ("lora_rank", axes[1])},
+          a_metadata={"out_sharding": (axes[0], "lora_rank"),
+                      **({"shard_units": (head_dim, 1)} if units and not out_units else {})},
+          b_metadata={"out_sharding": ("lora_rank", axes[1]), **out_units},
           rngs=rngs,
       )
       hyper.append((adapter_name, cfg.scale, cfg.dropout))

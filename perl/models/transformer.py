@@ -24,16 +24,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 from perl import partitioning
+from perl.models import attention as attention_lib
 from perl.models.config import LoRAConfig, RopeScaling, TransformerConfig
 from perl.models.lora import LoRADense
-
-# Large negative instead of -inf so fully masked (padding) rows stay finite.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
   """Logical sharding constraint; a no-op outside a mesh with axis rules."""
   return partitioning.with_sharding_constraint(x, axes)
+
+
+# Logical axes of the cache buffers: the layer axis stays whole (every layer
+# is written in place at its own index), batch and KV heads split like the
+# activations that write them.
+KV_CACHE_AXES = ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv")
 
 
 @flax.struct.dataclass
@@ -59,11 +63,18 @@ class KVCache:
     )
     dtype = dtype or config.dtype
     return cls(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+        k=constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES),
+        v=constrain(jnp.zeros(shape, dtype), KV_CACHE_AXES),
+        segment_ids=constrain(jnp.zeros((batch_size, max_length), jnp.int32),
+                              ("cache_batch", "cache_length")),
         index=jnp.zeros((), jnp.int32),
     )
+
+  @classmethod
+  def logical_axes(cls) -> "KVCache":
+    """Logical axis names of each field (for partitioning.logical_sharding)."""
+    return cls(k=KV_CACHE_AXES, v=KV_CACHE_AXES,
+               segment_ids=("cache_batch", "cache_length"), index=())
 
   @property
   def max_length(self) -> int:
@@ -139,19 +150,20 @@ class Attention(nnx.Module):
         LoRADense, adapters=adapters, param_dtype=c.param_dtype, dtype=c.dtype,
         rngs=rngs,
     )
-    self.q = dense(c.embed_dim, c.num_heads * c.head_dim, name="q",
+    self.q = dense(c.embed_dim, c.num_heads * c.head_dim, name="q", head_dim=c.head_dim,
                    axes=("embed", "heads"), use_bias=c.qkv_bias)
-    self.k = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="k",
+    self.k = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="k", head_dim=c.head_dim,
                    axes=("embed", "kv_heads"), use_bias=c.qkv_bias)
-    self.v = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="v",
+    self.v = dense(c.embed_dim, c.num_kv_heads * c.head_dim, name="v", head_dim=c.head_dim,
                    axes=("embed", "kv_heads"), use_bias=c.qkv_bias)
-    self.o = dense(c.num_heads * c.head_dim, c.embed_dim, name="o",
+    self.o = dense(c.num_heads * c.head_dim, c.embed_dim, name="o", head_dim=c.head_dim,
                    axes=("heads", "embed"))
 
   def __call__(
       self, x: jax.Array, *, positions: jax.Array, mask: jax.Array,
       kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
       adapter: str | None, rng: jax.Array | None,
+      segment_ids: jax.Array | None = None, full_sequence: bool = False,
   ):
     c = self.config
     b, t, _ = x.shape
@@ -167,36 +179,30 @@ class Attention(nnx.Module):
 
     new_kv = None
     if kv is not None:
-      cache_k, cache_v = kv
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-      new_kv = (k, v)
+      # kv = (k, v, layer): the whole [L, B, S, K, D] buffers and this block's
+      # index. This step's keys and values are written in place at
+      # (layer, cache_index); only this layer's slice is read back. Returning
+      # the full buffers (never slicing and re-stacking them) lets XLA alias
+      # them through the layer loop and the decode loop: no full-cache copy.
+      cache_k, cache_v, layer = kv
+      start = (layer, 0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(
+          cache_k, k.astype(cache_k.dtype)[None], start)
+      cache_v = jax.lax.dynamic_update_slice(
+          cache_v, v.astype(cache_v.dtype)[None], start)
+      new_kv = (cache_k, cache_v)
+      k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
       k, v = k.astype(c.dtype), v.astype(c.dtype)
 
-    if c.attn_logit_softcap is None:
-      out = jax.nn.dot_product_attention(
-          q, k, v, mask=mask[:, None], scale=c.attention_scale
-      )
-    else:
-      # jax.nn.dot_product_attention has no logit soft-cap (Gemma 2).
-      out = _softcapped_attention(q, k, v, mask, c.attention_scale, c.attn_logit_softcap)
+    out = attention_lib.attention(
+        q, k, v, mask=mask, segment_ids=segment_ids, scale=c.attention_scale,
+        softcap=c.attn_logit_softcap, impl=c.attention_impl,
+        full_sequence=full_sequence)
     out = constrain(out, ("batch", "length", "heads", "kv"))
     out = self.o(out.reshape(b, t, c.num_heads * c.head_dim), adapter=adapter,
                  dropout_rng=rngs[3])
     return out, new_kv
-
-
-def _softcapped_attention(q, k, v, mask, scale, cap):
-  b, t, h, d = q.shape
-  kh = k.shape[2]
-  q = q.reshape(b, t, kh, h // kh, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
-  logits = _softcap(logits, cap)
-  logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
 
 
 class MLP(nnx.Module):
@@ -245,7 +251,7 @@ class Block(nnx.Module):
       self.post_mlp_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
 
   def __call__(self, x, *, positions, mask, window_ok, kv, cache_index,
-               adapter, rng):
+               adapter, rng, segment_ids=None, full_sequence=False):
     attn_rng = mlp_rng = None
     if rng is not None:
       attn_rng, mlp_rng = jax.random.split(rng)
@@ -253,6 +259,7 @@ class Block(nnx.Module):
     h, new_kv = self.attn(
         self.pre_attn_norm(x), positions=positions, mask=mask, kv=kv,
         cache_index=cache_index, adapter=adapter, rng=attn_rng,
+        segment_ids=segment_ids, full_sequence=full_sequence,
     )
     if self.post_norms:
       h = self.post_attn_norm(h)
@@ -330,13 +337,34 @@ class Transformer(nnx.Module):
     return self.logits(hidden), cache
 
   def logits(self, hidden: jax.Array) -> jax.Array:
+    """[..., V] float32 logits of [..., D] hidden states.
+
+    The matmul accumulates and returns float32 (preferred_element_type), so
+    bf16 models never round their logits to bf16: at |logit| 16-30 bf16's
+    spacing is 0.125, noise that would go straight into PPO ratios and KL.
+    """
+    return self.logits_fn()(hidden)
+
+  def logits_fn(self):
+    """A pure `hidden -> logits` function over this model's output weights.
+
+    The weights are read once here, so the function can run inside
+    lax.scan / jax.checkpoint (perl/logprobs.py) without touching nnx state.
+    """
     c = self.config
     if c.tie_embeddings:
-      logits = self.embedder.attend(hidden)
+      weight, spec = self.embedder.embedding[...], "...d,vd->...v"
     else:
-      logits = self.unembed(hidden)
-    logits = constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    return _softcap(logits, c.final_logit_softcap)
+      weight, spec = self.unembed.kernel[...], "...d,dv->...v"
+
+    def fn(hidden):
+      logits = jnp.einsum(spec, hidden.astype(c.dtype), weight.astype(c.dtype),
+                          preferred_element_type=jnp.float32)
+      if logits.ndim == 3:
+        logits = constrain(logits, ("batch", "length", "vocab"))
+      return _softcap(logits, c.final_logit_softcap)
+
+    return fn
 
   def hidden_states(
       self,
@@ -393,8 +421,10 @@ class Transformer(nnx.Module):
     x = constrain(x, ("batch", "length", "embed"))
 
     windows = [c.layer_window(i) for i in range(c.num_layers)]
-    block_fn = _block_call(c, adapter)
-    new_k = new_v = None
+    # The fused attention kernels cover full-sequence causal attention.
+    full_sequence = cache is None and c.sliding_window is None
+    block_fn = _block_call(c, adapter, segment_ids, full_sequence)
+    kv = None if cache is None else (cache.k, cache.v)
     if c.scan_layers:
       window_ok = jnp.stack([
           (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
@@ -404,44 +434,44 @@ class Transformer(nnx.Module):
           None if dropout_rng is None
           else jax.random.split(dropout_rng, c.num_layers)
       )
-      kv = None if cache is None else (cache.k, cache.v)
+      layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
 
-      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0),
+      # The cache rides in the carry (not the scanned xs): each layer updates
+      # its own slot of the full buffer in place.
+      @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=nnx.Carry,
                 transform_metadata={nnx.PARTITION_NAME: "layers"})
-      def run_layers(block, x, window_ok, layer_kv, layer_rng):
+      def run_layers(block, carry, window_ok, layer_rng, layer):
+        x, kv = carry
+        layer_kv = None if kv is None else (*kv, layer)
         return block_fn(block, x, positions, mask, window_ok, layer_kv,
                         cache_index, layer_rng)
 
-      x, stacked_kv = run_layers(self.blocks, x, window_ok, kv, layer_rngs)
-      if cache is not None:
-        new_k, new_v = stacked_kv
+      x, kv = run_layers(self.blocks, (x, kv), window_ok, layer_rngs, layer_ids)
     else:
-      ks, vs = [], []
       for i, block in enumerate(self.blocks):
         w = windows[i]
         window_ok = (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
-        layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+        layer_kv = None if kv is None else (*kv, i)
         layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x, layer_new_kv = block_fn(block, x, positions, mask, window_ok,
-                                   layer_kv, cache_index, layer_rng)
-        if cache is not None:
-          ks.append(layer_new_kv[0])
-          vs.append(layer_new_kv[1])
-      if cache is not None:
-        new_k, new_v = jnp.stack(ks), jnp.stack(vs)
+        x, kv = block_fn(block, x, positions, mask, window_ok, layer_kv,
+                         cache_index, layer_rng)
 
     hidden = self.final_norm(x)
     if cache is not None:
-      cache = KVCache(k=new_k, v=new_v, segment_ids=k_seg, index=cache_index + t)
+      cache = KVCache(k=constrain(kv[0], KV_CACHE_AXES),
+                      v=constrain(kv[1], KV_CACHE_AXES),
+                      segment_ids=k_seg, index=cache_index + t)
     return hidden, cache
 
 
-def _block_call(config: TransformerConfig, adapter: str | None):
+def _block_call(config: TransformerConfig, adapter: str | None,
+                segment_ids: jax.Array, full_sequence: bool):
   """block(x, ...) with the configured rematerialisation applied."""
 
   def call(block, x, positions, mask, window_ok, kv, cache_index, rng):
     return block(x, positions=positions, mask=mask, window_ok=window_ok, kv=kv,
-                 cache_index=cache_index, adapter=adapter, rng=rng)
+                 cache_index=cache_index, adapter=adapter, rng=rng,
+                 segment_ids=segment_ids, full_sequence=full_sequence)
 
   if config.remat_policy == "none":
     return call

@@ -263,14 +263,15 @@ class PolicyTrainer(core.Trainer):
     def fn(params, frozen, tokens, seg):
       model = self._merge(params, frozen)
       pos = sequence_positions(seg)
-      targets = tokens[:, prompt_length:]
       fwd = dict(positions=pos, segment_ids=seg, prompt_length=prompt_length)
-      predicting = tempered(model.response_logits(tokens, adapter=POLICY, **fwd), temp)
-      policy_logp = token_logprobs(predicting, targets)
-      anchor_logp = token_logprobs(
-          tempered(model.response_logits(tokens, adapter=None, **fwd), temp), targets)
-      out = {"policy_logp": policy_logp, "anchor_logp": anchor_logp,
-             "entropy": objectives.entropy_from_logits(predicting)}
+      # Chunked under remat (perl/logprobs.py): the [B, N, V] logits never
+      # exist; both use the tempered distribution the rollout sampled from.
+      policy = model.response_logprobs(tokens, adapter=POLICY, with_entropy=True,
+                                       temperature=temp, **fwd)
+      anchor = model.response_logprobs(tokens, adapter=None, temperature=temp,
+                                       **fwd)
+      out = {"policy_logp": policy["logp"], "anchor_logp": anchor["logp"],
+             "entropy": policy["entropy"]}
       if uses_value:
         values = model.values(tokens, positions=pos, segment_ids=seg)
         out["values"] = values[:, prompt_length - 1:-1]
@@ -353,10 +354,11 @@ class PolicyTrainer(core.Trainer):
     policy_rng = value_rng = None
     if rng is not None:
       policy_rng, value_rng = jax.random.split(rng)
-    predicting = tempered(model.response_logits(
+    policy = model.response_logprobs(
         tokens, positions=pos, segment_ids=seg, prompt_length=prompt_length,
-        adapter=POLICY, dropout_rng=policy_rng), self.temperature)
-    logp = token_logprobs(predicting, tokens[:, prompt_length:])
+        adapter=POLICY, dropout_rng=policy_rng, with_entropy=bool(rl.entropy_coef),
+        temperature=self.temperature)
+    logp = policy["logp"]
     if rl.algorithm == "ppo":
       loss_sum, count, clipped = objectives.ppo_policy_loss(
           logp, batch["old_logp"], batch["advantages"], mask, clip_ratio=rl.clip_ratio)
@@ -380,7 +382,7 @@ class PolicyTrainer(core.Trainer):
       loss_sum = loss_sum + batch["beta"][0] * kl_sum
       metrics["kl_loss"] = (kl_sum, count)
     if rl.entropy_coef:
-      ent_sum = (objectives.entropy_from_logits(predicting) * mask).sum()
+      ent_sum = (policy["entropy"] * mask).sum()
       loss_sum = loss_sum - rl.entropy_coef * ent_sum
     loss_sum = policy_weight * loss_sum
     if rl.uses_value:

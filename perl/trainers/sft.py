@@ -20,7 +20,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from perl import checkpoints, losses, partitioning
+from perl import checkpoints, partitioning
+from perl import logprobs as logprobs_lib
 from perl.data import pipeline
 from perl.models import lora as lora_lib
 from perl.models.config import LoRAConfig, TransformerConfig
@@ -36,31 +37,37 @@ class SftModel:
 
   # Adapter to run (None: the bare model, for full fine-tuning).
   adapter: str | None = None
+  # Positions per vocabulary-projection chunk (perl/logprobs.py).
+  chunk_size: int = 256
 
-  def logits(self, module: Transformer, batch, rng=None) -> jax.Array:
+  def token_stats(self, module: Transformer, batch, rng=None) -> dict[str, jax.Array]:
+    """Per-token log-prob of the target and argmax hit, [B, T] each.
+
+    In sequence chunks under remat (perl/logprobs.py): the [B, T, V] float32
+    logits never exist, in the forward or the backward pass.
+    """
     segment_ids = batch.get("decoder_segment_ids")
     if segment_ids is None:
       segment_ids = (batch["decoder_target_tokens"] != 0).astype(jnp.int32)
-    logits, _ = module(batch["decoder_input_tokens"],
-                       positions=batch.get("decoder_positions"),
-                       segment_ids=segment_ids, adapter=self.adapter,
-                       dropout_rng=rng)
-    return logits
+    hidden, _ = module.hidden_states(batch["decoder_input_tokens"],
+                                     positions=batch.get("decoder_positions"),
+                                     segment_ids=segment_ids, adapter=self.adapter,
+                                     dropout_rng=rng)
+    return logprobs_lib.token_logprobs(module.logits_fn(), hidden,
+                                       batch["decoder_target_tokens"],
+                                       chunk_size=self.chunk_size, with_correct=True)
+
+  def _sums(self, module, batch, rng=None):
+    stats = self.token_stats(module, batch, rng)
+    w = batch["decoder_loss_weights"].astype(jnp.float32)
+    return -jnp.sum(stats["logp"] * w), jnp.sum(w), jnp.sum(stats["correct"] * w)
 
   def loss_fn(self, module, batch, rng):
-    logits = self.logits(module, batch, rng)
-    targets = batch["decoder_target_tokens"]
-    weights = batch["decoder_loss_weights"]
-    loss_sum, denom = losses.token_cross_entropy(logits, targets,
-                                                 weights=weights)
-    correct, count = losses.token_accuracy(logits, targets, weights=weights)
-    return loss_sum, denom, {"accuracy": (correct, count)}
+    loss_sum, denom, correct = self._sums(module, batch, rng)
+    return loss_sum, denom, {"accuracy": (correct, denom)}
 
   def eval_sums(self, module, batch) -> dict[str, jax.Array]:
-    logits = self.logits(module, batch)
-    targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
-    loss_sum, denom = losses.token_cross_entropy(logits, targets, weights=weights)
-    correct, _ = losses.token_accuracy(logits, targets, weights=weights)
+    loss_sum, denom, correct = self._sums(module, batch)
     return {"loss_sum": loss_sum, "correct": correct, "tokens": denom}
 
 

@@ -62,3 +62,28 @@ def test_sharded_forward_and_backward_match_single_device(mesh_spec, scan):
   assert want.keys() == got.keys() and want
   for key in want:
     np.testing.assert_allclose(got[key][...], want[key][...], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_model_axis_larger_than_kv_heads_never_splits_a_head(scan):
+  # 2 KV heads of width 16 on model=4: kv_heads*head_dim = 32 divides by 4,
+  # but a shard would hold half a head. Whole heads or replication only.
+  cfg = model_config.TransformerConfig(**{**vars(CFG), "scan_layers": scan})
+  partitioner = partitioning.Partitioner("data=2,model=4")
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(
+        cfg, adapters={"policy": model_config.LoRAConfig(rank=4)}, rngs=nnx.Rngs(0)))
+  shardings = partitioner.state_shardings(nnx.state(abstract))
+  attn = shardings["blocks"]["attn"] if scan else shardings["blocks"][0]["attn"]
+  spec = lambda v: tuple(v.get_value().spec)[-2:]
+  for name in ("k", "v"):
+    assert spec(attn[name]["kernel"])[-1] is None
+    assert spec(attn[name]["lora"]["policy"]["lora_b"])[-1] is None
+  # 4 query heads on model=4: one whole head per shard.
+  assert spec(attn["q"]["kernel"])[-1] == "model"
+  assert spec(attn["o"]["kernel"])[0] == "model"
+  # The cache shards on its KV-head dim the same way.
+  cache_spec = partitioner.logical_sharding(
+      ("layers", "cache_batch", "cache_length", "cache_heads", "cache_kv"),
+      shape=(cfg.num_layers, 8, 16, cfg.num_kv_heads, cfg.head_dim)).spec
+  assert cache_spec[3] is None and cache_spec[1] == ("data", "fsdp")

@@ -1,0 +1,115 @@
+"""Chunked log-probs/entropy: values, gradients, and the compiled program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from perl import logprobs
+from perl.models import config as model_config
+from perl.models.transformer import Transformer
+
+B, T, V = 2, 40, 512
+
+
+def _model(**kw):
+  return Transformer(model_config.tiny(vocab_size=V, **kw), rngs=nnx.Rngs(0))
+
+
+def _inputs():
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 3, V)
+  return tokens[:, :-1], tokens[:, 1:]
+
+
+def _reference(logits, targets, temperature):
+  logp = jax.nn.log_softmax(logits / temperature)
+  picked = jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  return picked, -(jnp.exp(logp) * logp).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [8, 13, 256])
+def test_chunked_equals_full_logsoftmax_with_temperature(chunk_size):
+  model = _model()
+  inputs, targets = _inputs()
+  hidden, _ = model.hidden_states(inputs)
+  want_logp, want_ent = _reference(model.logits(hidden), targets, 0.7)
+  got = logprobs.token_logprobs(model.logits_fn(), hidden, targets, temperature=0.7,
+                                chunk_size=chunk_size, with_entropy=True,
+                                with_correct=True)
+  np.testing.assert_allclose(got["logp"], want_logp, atol=1e-5)
+  np.testing.assert_allclose(got["entropy"], want_ent, atol=1e-4)
+  np.testing.assert_array_equal(
+      got["correct"], (jnp.argmax(model.logits(hidden), -1) == targets))
+
+
+def _loss_fns(model, inputs, targets, chunked):
+  graphdef, state = nnx.split(model)
+
+  def loss(state):
+    m = nnx.merge(graphdef, state)
+    hidden, _ = m.hidden_states(inputs)
+    if chunked:
+      out = logprobs.token_logprobs(m.logits_fn(), hidden, targets, temperature=0.7,
+                                    chunk_size=8, with_entropy=True)
+      logp, ent = out["logp"], out["entropy"]
+    else:
+      logp, ent = _reference(m.logits(hidden), targets, 0.7)
+    return -logp.mean() - 0.01 * ent.mean()
+
+  return jax.jit(jax.value_and_grad(loss)), state
+
+
+def test_chunked_gradients_match_and_no_full_logits_buffer():
+  model = _model(remat_policy="full", scan_layers=True, param_dtype=jnp.bfloat16,
+                 dtype=jnp.bfloat16)
+  inputs, targets = _inputs()
+  n = T - 1
+  results, temps = [], []
+  for chunked in (False, True):
+    fn, state = _loss_fns(model, inputs, targets, chunked)
+    compiled = fn.lower(state).compile()
+    hlo_text = compiled.as_text()
+    temps.append(compiled.memory_analysis().temp_size_in_bytes)
+    full = f"f32[{B},{n},{V}]" in hlo_text or f"f32[{B * n},{V}]" in hlo_text
+    assert full == (not chunked), "chunked step must hold no [B, T, V] f32 buffer"
+    results.append(fn(state))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=2e-3, rtol=2e-2)
+  assert temps[1] < temps[0], temps
+
+
+def test_logits_are_float32_from_the_matmul():
+  model = _model(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+  inputs, _ = _inputs()
+  graphdef, state = nnx.split(model)
+  text = jax.jit(lambda s, x: nnx.merge(graphdef, s).logits(
+      nnx.merge(graphdef, s).hidden_states(x)[0])).lower(state, inputs).as_text()
+  # The vocabulary matmul takes bf16 operands and produces f32 directly.
+  unembed = [l for l in text.splitlines() if "dot_general" in l and f"x{V}xf32>" in l]
+  assert unembed and all("bf16" in l for l in unembed), unembed
+  # Never a bf16 [B, T, V] (the old dot-in-bf16-then-convert).
+  assert f"{B}x{T - 1}x{V}xbf16" not in text
+
+
+def test_sft_step_holds_no_full_vocabulary_logits():
+  from perl.trainers import sft
+  model = _model(remat_policy="full", scan_layers=True)
+  graphdef, state = nnx.split(model)
+  inputs, targets = _inputs()
+  batch = {"decoder_input_tokens": inputs, "decoder_target_tokens": targets,
+           "decoder_loss_weights": jnp.ones_like(targets)}
+
+  def loss(state):
+    loss_sum, denom, _ = sft.SftModel(chunk_size=8).loss_fn(nnx.merge(graphdef, state), batch, None)
+    return loss_sum / denom
+
+  hlo_text = jax.jit(jax.grad(loss)).lower(state).compile().as_text()
+  n = T - 1
+  assert f"f32[{B},{n},{V}]" not in hlo_text and f"f32[{B * n},{V}]" not in hlo_text
+  # Same loss as the dense cross-entropy.
+  logits, _ = model(inputs, segment_ids=jnp.ones_like(targets))
+  want, _ = _reference(logits, targets, 1.0)
+  np.testing.assert_allclose(loss(state), -want.mean(), rtol=1e-5)
