@@ -40,7 +40,7 @@ def emulate_input_shards(num_shards: int) -> None:
   original = loop.train_batches
 
   def train_batches(*, task, feature_lengths, batch_size, partitioner, seed,
-                    split='train'):
+                    split='train', **options):
     if partitioner.data_shard_info() != (0, 1):
       raise RuntimeError(f'{ENV_EMULATE} is for single-process runs.')
     if batch_size % num_shards:
@@ -50,10 +50,11 @@ def emulate_input_shards(num_shards: int) -> None:
         original(task=task, feature_lengths=feature_lengths,
                  batch_size=batch_size,  # global: each reads 1/num_shards
                  partitioner=_ShardView(i, num_shards), seed=seed,
-                 split=split)
+                 split=split, **options)
         for i in range(num_shards)]
 
-    def make(skip):
+    def make(skip, input_state=None):
+      del input_state  # the emulated run replays on resume
       for parts in zip(*(f(skip) for f in factories)):
         yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 

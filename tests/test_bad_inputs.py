@@ -166,9 +166,8 @@ def test_unknown_split():
     loop.check_inputs(task="synthetic_sft", splits=("train", "valdiation"),
                       feature_lengths=SFT_LENGTHS)
   assert str(e.value) == (
-      "Task 'synthetic_sft', split 'valdiation' does not read: ValueError:"
-      " synthetic tasks have splits ('train', 'validation'), not"
-      " 'valdiation'")
+      "'synthetic_sft' has no split 'valdiation'; its splits are ['train',"
+      " 'validation', 'test'] (set eval_split / the split to one of them).")
 
 
 def test_data_dir_unset(monkeypatch):

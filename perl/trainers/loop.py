@@ -53,7 +53,9 @@ def check_inputs(*, task: str, splits: tuple[str, ...],
   built (and before MODEL_DIR is touched)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from perl.data import pipeline  # pylint: disable=g-import-not-at-top
+  pipeline.get_task(task)  # an unknown task: one error listing the known
   for split in dict.fromkeys(splits):
+    pipeline.check_split(task, split)  # names the splits that exist
     try:
       ds = pipeline.get_dataset(task=task, split=split,
                                 feature_lengths=feature_lengths,
@@ -62,6 +64,14 @@ def check_inputs(*, task: str, splits: tuple[str, ...],
     except tf.errors.OpError as e:
       raise ValueError(f"Task {task!r}, split {split!r} does not read: "
                        f"{_op_error_text(e)}") from e
+    except (OSError, ValueError, KeyError, TypeError, UnicodeError) as e:
+      # The in-memory sources read their files while the dataset is built,
+      # so a reader's own error arrives here as itself.
+      kind = type(e)
+      name = (kind.__qualname__ if kind.__module__ == "builtins"
+              else f"{kind.__module__}.{kind.__qualname__}")
+      raise ValueError(f"Task {task!r}, split {split!r} does not read: "
+                       f"{name}: {e}") from e
     if first is None:
       raise ValueError(f"Task {task!r}, split {split!r} has no examples: "
                        "check the data files and the split name.")
