@@ -117,6 +117,13 @@ class RLConfig:
                        f"of {kl_lib.ESTIMATORS}.")
     if self.kl_mode == "loss":
       kl_lib.check_loss_estimator(self.estimator)
+    if self.scale_reward_by_one_minus_beta and self.kl.init_coef >= 1.0:
+      raise ValueError(
+          f"KL coefficient β={self.kl.init_coef} with PERL's (1−β)·r objective "
+          "(scale_reward_by_one_minus_beta=True) weights the reward by "
+          f"{1.0 - self.kl.init_coef:g}: the policy would learn the opposite of "
+          "the reward model. Use β < 1, or set "
+          "RLConfig.scale_reward_by_one_minus_beta=False for r − β·KL.")
     if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
       raise ValueError(
           f"RLConfig.missing_eos_penalty={self.missing_eos_penalty}: it is "

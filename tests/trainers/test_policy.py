@@ -297,3 +297,13 @@ def test_ppo_target_kl_stops_the_epochs_and_metrics_cover_every_update():
               "truncation_rate", "kl_estimate"):
     assert key in m and np.isfinite(m[key]), key
   assert 0.0 <= m["value_clip_fraction"] <= 1.0
+
+
+def test_beta_of_one_or_more_with_perl_scaling_is_one_clear_error():
+  """(1−β)·r at β ≥ 1 flips the reward's sign (a β = 2 run collapsed the
+  ground truth from 0.656 to 0.105); r − β·KL stays allowed."""
+  with pytest.raises(ValueError, match=r"β=2.0 with PERL's \(1−β\)·r objective"):
+    policy.RLConfig(kl=kl_lib.KLControllerConfig(init_coef=2.0))
+  policy.RLConfig(kl=kl_lib.KLControllerConfig(init_coef=2.0),
+                  scale_reward_by_one_minus_beta=False)
+  policy.RLConfig(kl=kl_lib.KLControllerConfig(init_coef=0.9))
