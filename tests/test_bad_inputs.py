@@ -2,7 +2,6 @@
 already written is changed. Gin, flags, data, checkpoints, MODEL_DIR, run
 settings; in-process where possible, a few through `python -m perl.main` for
 the exit code and the one-line output."""
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from perl.models import config as model_config
 from perl.models.transformer import Transformer
 from perl.trainers import loop, metrics, reward_model, sft
 from perl.utils import run_lock
+from tests.files import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -35,15 +35,6 @@ TINY = model_config.tiny(vocab_size=259, num_layers=1, embed_dim=16,
 SFT_LENGTHS = {"inputs": 48, "targets": 32}
 
 
-def snapshot(path):
-  """{relative path: sha256} of every file under path ({} if absent)."""
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      p = os.path.join(root, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
 
 
 @pytest.fixture

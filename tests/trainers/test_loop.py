@@ -1,6 +1,5 @@
 """loop.fit's robustness: the non-finite guard, SIGTERM preemption, verified
 checkpoints with fallback, resumed logs without repeats, the MODEL_DIR lock."""
-import hashlib
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ from perl.models import config as model_config
 from perl.models.transformer import Transformer
 from perl.trainers import core, loop, sft
 from perl.utils import run_lock
+from tests.files import snapshot
 
 TINY = model_config.tiny(vocab_size=259, num_layers=1, embed_dim=16,
                          num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
@@ -72,14 +72,6 @@ def _steps(model_dir, sub="checkpoints"):
                 if s.isdigit())
 
 
-def snapshot(path):
-  out = {}
-  for root, _, files in os.walk(path):
-    for f in files:
-      p = os.path.join(root, f)
-      with open(p, "rb") as fh:
-        out[os.path.relpath(p, path)] = hashlib.sha256(fh.read()).hexdigest()
-  return out
 
 
 def test_nan_at_step_k_stops_there_saves_nothing_of_it_and_no_export(tmp_path):
