@@ -221,10 +221,6 @@ def load_peft_adapter(path: str | os.PathLike, model: nnx.Module, *,
     variable[...] = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
 
 
-def is_peft_adapter(path: str | os.PathLike) -> bool:
-  return os.path.isfile(os.path.join(os.fspath(path), CONFIG_FILE))
-
-
 def export_peft_adapter_if_hf_base(model: nnx.Module, model_dir: str, *,
                                    adapter: str | None,
                                    base_checkpoint: str | None) -> str | None:
