@@ -11,7 +11,9 @@ hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
   kernels  the step's kernels in isolation, JAX (XLA:CPU) and PyTorch when
            it is importable: the projection matmuls at the step's shapes,
            forward and the activation-gradient matmul, and attention forward
-           + backward (XLA's dot_product_attention vs torch SDPA, causal).
+           + backward (XLA's dot_product_attention, perl's blocked CPU kernel
+           that the step uses, and torch SDPA, causal). GFLOP/s of attention
+           count the full square (the causal kernels skip about half).
 Times are medians of --repeats runs, as wall seconds and as CPU seconds of
 this process (all threads: on a shared machine wall time includes waiting
 for a core). The load average is printed with them.
@@ -159,6 +161,15 @@ def kernels_part(args):
   jq = jnp.asarray(q)
   row("jax   attention fwd+bwd (dense mask)",
       timed(lambda: jax.block_until_ready(g(jq, jq, jq)), args.repeats),
+      attn_flops)
+  from perl.models import attention  # pylint: disable=g-import-not-at-top
+  row_mask = jnp.broadcast_to(jnp.asarray(mask[0]), (bsz, t, t))
+
+  def blocked(q, k, v):
+    return attention.blocked(q, k, v, row_mask, scale=hd ** -0.5, softcap=None).sum()
+  gb = jax.jit(jax.grad(blocked, argnums=(0, 1, 2)))
+  row("jax   attention fwd+bwd (perl blocked, causal)",
+      timed(lambda: jax.block_until_ready(gb(jq, jq, jq)), args.repeats),
       attn_flops)
   if torch is not None:
     tq = torch.from_numpy(q.transpose(0, 2, 1, 3).copy())

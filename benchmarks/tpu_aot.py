@@ -80,9 +80,13 @@ def _model_config(size, args):
   import jax.numpy as jnp
   import rl_memory
   from perl.models import config as model_config
+  # attention_impl is explicit: "auto" resolves on this CPU host (to the CPU
+  # kernel), not on the TPU the program is compiled for. XLA's kernel keeps the
+  # FLOPs visible to the cost analysis (splash is opaque to it; the attn-*
+  # rows compare the two).
   return model_config.TransformerConfig(
       **rl_memory.SIZES[size], param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-      remat_policy="full", scan_layers=True)
+      remat_policy="full", scan_layers=True, attention_impl=args.attention_impl)
 
 
 def _devices(chip, size):
@@ -401,6 +405,8 @@ def main(argv=None):
   p.add_argument("--prompt_length", type=int, default=512)
   p.add_argument("--response_length", type=int, default=512)
   p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--attention_impl", default="xla", choices=["xla", "splash"],
+                 help="Attention kernel of the step rows (the attn-* rows run both).")
   args = p.parse_args(argv)
   rows = {}
   if os.path.exists(RESULTS_JSON):

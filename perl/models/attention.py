@@ -3,6 +3,9 @@
   xla     jax.nn.dot_product_attention (or an einsum when Gemma 2's logit
           soft-cap is on) with the dense [B, T, S] mask: the reference, and
           the only path for KV-cache decoding and sliding windows.
+  blocked causal query blocks, one row at a time, with a recomputing VJP
+          (perl/models/blocked_attention.py): the CPU kernel; it never
+          holds the [B, H, T, S] score matrix nor its probabilities.
   splash  Pallas splash attention (TPU): causal mask + segment ids (padding
           and packing), Gemma 2 soft-cap, GQA as one MQA kernel per KV head;
           never forms the [T, S] score matrix in HBM. Runs under shard_map
@@ -11,7 +14,8 @@
           lengths instead of a dense mask. Lengths describe right-padded,
           unpacked rows only (reward-model / SFT batches), so it is opt-in.
 
-`attention_impl="auto"` picks splash on TPU and xla elsewhere; the fused
+`attention_impl="auto"` picks splash on TPU, blocked on CPU and xla on GPU
+(cudnn being opt-in); the fused
 kernels apply to full-sequence forwards (training, scoring, prefill without a
 cache), the XLA path covers everything else.
 """
@@ -25,16 +29,18 @@ import os
 import jax
 import jax.numpy as jnp
 
+from perl.models import blocked_attention
+
 # Large negative instead of -inf so fully masked (padding) rows stay finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
-IMPLEMENTATIONS = ("auto", "xla", "splash", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "blocked", "splash", "cudnn")
 
 
 def resolve(impl: str) -> str:
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention_impl={impl!r}: use one of {IMPLEMENTATIONS}.")
   if impl == "auto":
-    return "splash" if jax.default_backend() == "tpu" else "xla"
+    return {"tpu": "splash", "cpu": "blocked"}.get(jax.default_backend(), "xla")
   return impl
 
 
@@ -99,20 +105,47 @@ def splash_attention(q, k, v, segment_ids, *, scale, softcap, interpret=None):
   kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   interpret = _interpret() if interpret is None else interpret
   fn = functools.partial(_splash_local, softcap=softcap, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not mesh.empty:
+  specs = _mesh_specs(b, kh)
+  if specs is not None:
     from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
-    batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
-    while batch and b % math.prod(mesh.shape[a] for a in batch):
-      batch = batch[:-1]
-    heads = "model" if "model" in mesh.axis_names and kh % mesh.shape["model"] == 0 else None
-    batch = batch or None
+    batch, heads = specs
     fn = jax.shard_map(
-        fn, mesh=mesh,
+        fn, mesh=jax.sharding.get_abstract_mesh(),
         in_specs=(P(batch, heads), P(batch, heads), P(batch, heads), P(batch)),
         out_specs=P(batch, heads), check_vma=False)
   out = fn(qg, kt, vt, segment_ids.astype(jnp.int32))  # [B, K, G, T, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+
+
+def _mesh_specs(batch_size: int, kv_heads: int):
+  """(batch axes, heads axis) a per-shard kernel runs over, None off a mesh.
+
+  The kernels see whole rows and whole KV-head groups: batch over the
+  data/fsdp axes that divide it, KV heads over `model` when it divides them.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty:
+    return None
+  batch = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+  while batch and batch_size % math.prod(mesh.shape[a] for a in batch):
+    batch = batch[:-1]
+  heads = "model" if "model" in mesh.axis_names and kv_heads % mesh.shape["model"] == 0 else None
+  return batch or None, heads
+
+
+def blocked(q, k, v, mask, *, scale, softcap):
+  """perl.models.blocked_attention, per shard when a mesh is active."""
+  fn = functools.partial(blocked_attention.blocked_attention, scale=scale, softcap=softcap)
+  specs = _mesh_specs(q.shape[0], k.shape[2])
+  if specs is not None:
+    from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+    batch, heads = specs
+    fn = jax.shard_map(
+        fn, mesh=jax.sharding.get_abstract_mesh(),
+        in_specs=(P(batch, None, heads), P(batch, None, heads), P(batch, None, heads),
+                  P(batch)),
+        out_specs=P(batch, None, heads), check_vma=False)
+  return fn(q, k, v, mask)
 
 
 def cudnn_attention(q, k, v, segment_ids, *, scale):
@@ -136,6 +169,8 @@ def attention(q, k, v, *, mask, segment_ids, scale, softcap, impl: str,
   impl = chosen
   if not full_sequence or impl == "xla":
     return xla_attention(q, k, v, mask, scale=scale, softcap=softcap)
+  if impl == "blocked":
+    return blocked(q, k, v, mask, scale=scale, softcap=softcap)
   if impl == "splash":
     return splash_attention(q, k, v, segment_ids, scale=scale, softcap=softcap)
   if softcap is not None:

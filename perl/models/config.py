@@ -97,9 +97,10 @@ class TransformerConfig:
   remat_policy: Literal["none", "full", "dots"] = "none"
   # Stack the blocks and run them under nnx.scan (flat compile time in depth).
   scan_layers: bool = False
-  # Attention kernel (perl/models/attention.py): "auto" (splash on TPU, XLA
-  # elsewhere), "xla", "splash" (Pallas TPU) or "cudnn" (GPU, right-padded rows).
-  attention_impl: Literal["auto", "xla", "splash", "cudnn"] = "auto"
+  # Attention kernel (perl/models/attention.py): "auto" (splash on TPU, blocked
+  # on CPU, XLA on GPU), "xla", "blocked" (row-by-row causal blocks, CPU),
+  # "splash" (Pallas TPU) or "cudnn" (GPU, right-padded rows).
+  attention_impl: Literal["auto", "xla", "blocked", "splash", "cudnn"] = "auto"
 
   def __post_init__(self):
     if isinstance(self.rope_scaling, Mapping):

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Mapping
 
 import gin
 import jax
@@ -44,105 +44,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from perl import decoding, partitioning
 from perl.models import lora as lora_lib
-from perl.models.hydra import POLICY, REWARD, VALUE, HydraModule, sequence_positions
+from perl.models.hydra import POLICY, VALUE, HydraModule, sequence_positions
 from perl.models.heads import RewardModule
 from perl.rl import advantages as adv_lib
 from perl.rl import kl as kl_lib
 from perl.rl import objectives
+# RLConfig is configured in gin as perl.trainers.policy.RLConfig.
+from perl.rl.config import ALGORITHMS, RLConfig  # pylint: disable=unused-import
 from perl.trainers import core
-
-ALGORITHMS = ("reinforce", "rloo", "grpo", "ppo")
-
-
-@gin.configurable(module="perl.trainers.policy")
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RLConfig:
-  """The RL algorithm and its knobs."""
-
-  # "reinforce" (PERL: REINFORCE, learned value baseline), "rloo", "grpo", "ppo".
-  algorithm: Literal["reinforce", "rloo", "grpo", "ppo"] = "reinforce"
-  # Responses sampled per prompt (RLOO and GRPO need at least 2).
-  samples_per_prompt: int = 1
-  # KL coefficient β: fixed (PERL: 0.05) or adaptive towards a target KL.
-  kl: kl_lib.KLControllerConfig = kl_lib.KLControllerConfig()
-  # Per-token KL(π‖π_anchor) estimator (perl.rl.kl): "k1", "k2", "k3" or "k3+";
-  # None: "k1" in the reward, "k3+" in the loss (where k1 and k3 are refused:
-  # their gradients are 0 and ∇KL(π_anchor‖π)).
-  kl_estimator: Literal["k1", "k2", "k3", "k3+"] | None = None
-  # "reward": −β·KL is part of the return; "loss": β·KL is added to the loss.
-  kl_mode: Literal["reward", "loss"] = "reward"
-  # PERL's objective (1−β)·r − β·KL; False gives r − β·KL.
-  scale_reward_by_one_minus_beta: bool = True
-  # Whiten advantages over the batch (not applied to GRPO's, already normalised).
-  whiten_advantages: bool = True
-  # Weight of the value loss.
-  value_coef: float = 0.5
-  # Weight of the entropy bonus (0 disables).
-  entropy_coef: float = 0.0
-  # PPO: clip range of the probability ratio.
-  clip_ratio: float = 0.2
-  # PPO: clip range of value updates around the rollout values (None: off).
-  value_clip: float | None = 0.2
-  # PPO: passes over each rollout batch.
-  ppo_epochs: int = 2
-  # PPO: stop this rollout's remaining updates once a minibatch's approx_kl
-  # (mean ½(log π − log π_old)²) exceeds it (None: off).
-  target_kl: float | None = None
-  # PPO: minibatches per pass.
-  num_minibatches: int = 1
-  # GAE discount (PPO).
-  gamma: float = 1.0
-  # GAE λ (PPO).
-  lam: float = 0.95
-  # Subtracted from the score of responses that end without EOS, as TRL does
-  # (a positive number penalises truncation; None: off).
-  missing_eos_penalty: float | None = None
-  # First RL steps in which only the value model learns (policy frozen), so the
-  # baseline is fitted before the policy moves (OpenRLHF freezing_actor_steps).
-  critic_warmup_steps: int = 0
-  # Start the value head (and the value adapter, when its rank and targets
-  # match) from the reward model's on the shared backbone: V starts near the
-  # score instead of at random (the reward head is read at the last token).
-  value_from_reward: bool = True
-
-  def __post_init__(self):
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f"RLConfig.algorithm={self.algorithm!r}: choose one of {ALGORITHMS}.")
-    if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
-      raise ValueError(
-          f"{self.algorithm} compares samples of the same prompt: set "
-          f"RLConfig.samples_per_prompt >= 2 (got {self.samples_per_prompt}).")
-    if self.kl_estimator is not None and self.kl_estimator not in kl_lib.ESTIMATORS:
-      raise ValueError(f"RLConfig.kl_estimator={self.kl_estimator!r}: choose one "
-                       f"of {kl_lib.ESTIMATORS}.")
-    if self.kl_mode == "loss":
-      kl_lib.check_loss_estimator(self.estimator)
-    if self.scale_reward_by_one_minus_beta and self.kl.init_coef >= 1.0:
-      raise ValueError(
-          f"KL coefficient β={self.kl.init_coef} with PERL's (1−β)·r objective "
-          "(scale_reward_by_one_minus_beta=True) weights the reward by "
-          f"{1.0 - self.kl.init_coef:g}: the policy would learn the opposite of "
-          "the reward model. Use β < 1, or set "
-          "RLConfig.scale_reward_by_one_minus_beta=False for r − β·KL.")
-    if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
-      raise ValueError(
-          f"RLConfig.missing_eos_penalty={self.missing_eos_penalty}: it is "
-          "subtracted from the score of truncated responses (TRL's sign), so a "
-          f"negative value rewards truncation. Use {-self.missing_eos_penalty}.")
-
-  @property
-  def estimator(self) -> str:
-    if self.kl_estimator is not None:
-      return self.kl_estimator
-    return "k3+" if self.kl_mode == "loss" else "k1"
-
-  @property
-  def uses_value(self) -> bool:
-    return self.algorithm in ("reinforce", "ppo")
-
-  @property
-  def updates_per_rollout(self) -> int:
-    return self.ppo_epochs * self.num_minibatches if self.algorithm == "ppo" else 1
+from perl.trainers.policy_init import (  # pylint: disable=unused-import
+    REWARD_PARAMS, init_value_from_reward, load_reward_adapter)
 
 
 def trainable_filter() -> nnx.filterlib.Filter:
@@ -523,116 +434,6 @@ def average_update_metrics(updates: list[Mapping[str, Any]]) -> dict[str, float]
     else:
       out[key] = float(np.mean(values))
   return out
-
-
-def _copy_matching(src: nnx.State, dst: nnx.State, rename: Callable[[str], str]) -> bool:
-  """dst[path] = src[rename(path)] when every path is there with the same shape."""
-  by_path = {tuple(rename(str(k)) for k in path): var
-             for path, var in nnx.to_flat_state(src)}
-  pairs = [(var, by_path.get(tuple(str(k) for k in path)))
-           for path, var in nnx.to_flat_state(dst)]
-  if not pairs or any(s is None or s[...].shape != d[...].shape for d, s in pairs):
-    return False
-  for d, s in pairs:
-    d[...] = s[...]
-  return True
-
-
-def init_value_from_reward(module: HydraModule) -> list[str]:
-  """Copies the reward head (and adapter, where shapes match) into the value model.
-
-  Returns the copied parts. The value head reads every position and the reward
-  head the last one, so V starts as the reward model's score of each prefix:
-  a baseline on the score's scale from the first step instead of a random one.
-  """
-  copied = []
-  if module.value_head is None or module.reward_head is None:
-    return copied
-  if _copy_matching(nnx.state(module.reward_head), nnx.state(module.value_head),
-                    lambda k: k):
-    copied.append("head")
-  if module.value_adapter is not None and _copy_matching(
-      nnx.state(module, lora_lib.adapter_filter(REWARD)),
-      nnx.state(module, lora_lib.adapter_filter(VALUE)),
-      lambda k: k.replace(REWARD, VALUE)):
-    copied.append("adapter")
-  return copied
-
-
-# The gin entry point
-# ------------------------------------------------------------------------------
-
-REWARD_PARAMS = nnx.Any(lora_lib.adapter_filter("reward"), nnx.PathContains("reward_head"))
-
-
-def load_reward_adapter(reward_checkpoint: str, module: HydraModule,
-                        base_checkpoint: str | None = None) -> str:
-  """Loads a LoRA reward model's adapter + head into the Hydra backbone.
-
-  Reads the best checkpoint of the reward-model run (else its latest): the
-  adapter and head it trained, not the merged export, so the reward model
-  rides on the shared backbone instead of holding a second copy of the base.
-  A run that trained no "reward" adapter (Hydra-SFT, perl.trainers.hydra_sft)
-  has its reward model in its merged export/: that must be the policy's
-  base (BASE_CHECKPOINT = REWARD_CHECKPOINT); the head of its last step is
-  loaded and the reward adapter stays zero, so it scores with that base.
-  """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from perl import checkpoints  # pylint: disable=g-import-not-at-top
-
-  root = os.path.abspath(os.path.expanduser(reward_checkpoint))
-
-  def latest(subs):
-    for sub in subs:
-      d = os.path.join(root, sub)
-      steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-      if steps:
-        return os.path.join(d, str(steps[-1]), "state")
-    raise FileNotFoundError(
-        f"REWARD_CHECKPOINT {root!r} holds no reward-model checkpoint (looked for "
-        f"{root}/best/<step> and {root}/checkpoints/<step>). Point it at the "
-        "MODEL_DIR of a finished LoRA reward-model run.")
-
-  def read(step_dir):
-    with ocp.StandardCheckpointer() as ckpt:
-      saved = ckpt.restore(step_dir)
-    found = {}
-    for key, value in saved.items():
-      if not key.startswith("params."):
-        continue
-      name = key[len("params."):]
-      if name.startswith("head."):
-        name = "reward_head." + name[len("head."):]
-      found[name] = value
-    return found
-
-  step_dir = latest(("best", "checkpoints"))
-  found = read(step_dir)
-  state = nnx.state(module, REWARD_PARAMS)
-  expected = checkpoints.flatten(state)
-  adapter = [k for k in expected if not k.startswith("reward_head.")]
-  if adapter and not found.keys() & set(adapter) and any(
-      k.startswith("reward_head.") for k in found):
-    base = os.path.abspath(os.path.expanduser(base_checkpoint or ""))
-    if not base_checkpoint or base not in (root, os.path.join(root, checkpoints.EXPORT_DIR)):
-      raise ValueError(
-          f"REWARD_CHECKPOINT {root!r} trained no reward adapter (a Hydra-SFT "
-          "run): its reward model is its export/ + head, so set BASE_CHECKPOINT "
-          f"to the same directory (got {base_checkpoint!r}), or give "
-          "REWARD_MODEL_CONFIG to load it as a separate backbone.")
-    if step_dir != latest(("checkpoints",)):  # the head of export/'s step
-      step_dir = latest(("checkpoints",))
-      found = read(step_dir)
-    found.update({k: np.zeros(expected[k].shape) for k in adapter})
-  checkpoints.check_compatible(
-      expected, found, where=step_dir,
-      fix="The policy's reward_lora (rank, targets) and MODEL_CONFIG must match "
-          "the reward-model run's; or give REWARD_MODEL_CONFIG to load the reward "
-          "model as a separate backbone from its export/.")
-  restored = {k: jax.device_put(np.asarray(found[k]).astype(expected[k].dtype),
-                                expected[k].sharding) for k in expected}
-  nnx.update(module, checkpoints.unflatten_like(state, restored))
-  return step_dir
 
 
 @gin.configurable(module="perl.trainers.policy")

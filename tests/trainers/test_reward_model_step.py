@@ -6,7 +6,8 @@ FLOPs come from XLA's `cost_analysis()` of the compiled train step on the
 activation gradients (2N per token, N = base matmul parameters) on top of the
 forward (2N), so a LoRA step costs 4N per token plus attention; computing the
 base's weight gradients would add another 2N. Layers are unrolled
-(scan_layers=False): XLA's cost analysis counts a while-loop body once.
+(scan_layers=False) and attention is XLA's dense kernel: XLA's cost analysis
+counts a while-loop body once, and the CPU's blocked kernel loops over rows.
 """
 import dataclasses
 import os
@@ -31,7 +32,7 @@ PAIRS, LENGTH = 8, 128
 CFG = model_config.llama3(vocab_size=1024, num_layers=4, embed_dim=256,
                           num_heads=8, num_kv_heads=4, head_dim=32,
                           mlp_dim=768, param_dtype=jnp.bfloat16,
-                          dtype=jnp.bfloat16)
+                          dtype=jnp.bfloat16, attention_impl="xla")
 
 
 def _matmul_params(c) -> int:
