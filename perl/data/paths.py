@@ -6,10 +6,11 @@ import time, so registering tasks never touches the file system.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import gin
 
@@ -30,9 +31,26 @@ class DataSourceInfo:
   origin: str
 
 
+# A root set by `using_data_dir` (a TFDS builder reading its manual_dir or its
+# downloads through the tasks' own readers); wins over gin and the env.
+_OVERRIDE: list = []
+
+
+@contextlib.contextmanager
+def using_data_dir(root: str) -> Iterator[str]:
+  """Within the block, `data_dir()` is `root`."""
+  _OVERRIDE.append(os.path.abspath(os.path.expanduser(root)))
+  try:
+    yield _OVERRIDE[-1]
+  finally:
+    _OVERRIDE.pop()
+
+
 @gin.configurable(module="perl.data.paths")
 def data_dir(root: Optional[str] = None) -> str:
   """The root folder holding one sub-folder per upstream dataset."""
+  if _OVERRIDE:
+    return _OVERRIDE[-1]
   root = root or os.environ.get(DATA_DIR_ENV)
   if not root:
     raise MissingDataError(
