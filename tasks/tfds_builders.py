@@ -175,12 +175,15 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _check_manual(self, root: str, split: str) -> None:
     for need in self.needed(split):
       if not glob.glob(os.path.join(root, need.pattern)):
-        where = (", ".join(sorted(need.urls.values()))[:300] or need.origin)
+        urls = sorted(need.urls.values())
+        where = ", ".join(urls[:3]) + (", ..." if len(urls) > 3 else "")
+        downloadable = bool(urls or need.listing)
         raise MissingRawFileError(
             f"{self.name}/{self.builder_config.name}: the manual_dir has no "
             f"{os.path.join(root, need.pattern)} (split {split!r}). Get it "
-            f"from {where} and put it there, or leave out --manual_dir to "
-            "download it.")
+            f"from {where or need.origin} and put it there"
+            + (", or leave out --manual_dir to download it." if downloadable
+               else "."))
 
   def _download(self, dl_manager, splits: Sequence[str]) -> str:
     urls: Dict[str, str] = {}
