@@ -21,6 +21,7 @@ Prepared tasks hold raw text: chat-template rendering needs the in-memory task.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import gin
@@ -66,16 +67,27 @@ def prepare_command(task: str, data_dir: str,
 
 def read_records(path: str, rows: List[int]) -> List[bytes]:
   """Serialized examples at `rows` of one ArrayRecord file (random access)."""
-  reader = _READERS.get(path)
-  if reader is None:
-    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
-    if len(_READERS) > 256:
-      _READERS.clear()
-    reader = _READERS[path] = array_record_module.ArrayRecordReader(path)
-  return reader.read(rows)
+  with _READERS_LOCK:
+    entry = _READERS.get(path)
+    if entry is None:
+      from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+      if len(_READERS) > 256:
+        _READERS.clear()
+      entry = _READERS[path] = (array_record_module.ArrayRecordReader(path),
+                                threading.Lock())
+  reader, lock = entry
+  with lock:  # train and eval pipelines may read one file from two threads
+    return reader.read(rows)
 
 
-_READERS: Dict[str, object] = {}
+# path -> (open reader, its lock); `forget_readers` after files are replaced.
+_READERS: Dict[str, tuple] = {}
+_READERS_LOCK = threading.Lock()
+
+
+def forget_readers() -> None:
+  with _READERS_LOCK:
+    _READERS.clear()
 
 
 def _read_batch(files: tf.Tensor, rows: tf.Tensor) -> np.ndarray:

@@ -96,8 +96,10 @@ def prepare(*, task: str, data_dir: Optional[str] = None,
 
 def _forget_memoized(data_dir: str) -> None:
   """seqio memoizes TFDS builders by (name, dir): drop this dir's, whose
-  info predates the files just written."""
+  info predates the files just written (and the open ArrayRecord readers)."""
   import seqio  # pylint: disable=g-import-not-at-top
+  from tasks import prepared  # pylint: disable=g-import-not-at-top
+  prepared.forget_readers()
   memo = seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS  # pylint: disable=protected-access
   for key in [k for k in memo if k[1] == data_dir]:
     del memo[key]

@@ -214,3 +214,55 @@ def test_quality_policy_applies_at_read_time_as_in_memory():
   probe = tf.constant([chr(c) for c in range(1, 0x3001)])
   matched = tf.strings.regex_full_match(probe, prepared._PY_SPACE).numpy()
   assert [chr(c) for c in np.flatnonzero(matched) + 1] == spaces
+
+
+class _FakeDownloads:
+  """A dl_manager that serves URLs from local files (no network here): what
+  TFDS hands the builder once it has fetched them."""
+
+  def __init__(self, download_dir, served):
+    self.download_dir, self.served, self.asked = download_dir, served, []
+
+  @property
+  def manual_dir(self):
+    raise AssertionError("Manual directory not enabled.")  # as TFDS's
+
+  def download(self, urls):
+    if isinstance(urls, str):
+      self.asked.append(urls)
+      return self.served[urls]
+    return {key: self.download(url) for key, url in urls.items()}
+
+
+def test_without_manual_dir_the_builder_downloads_the_upstream_urls(
+    tmp_path, monkeypatch):
+  import json
+  monkeypatch.setenv("PERL_DATA_DIR", FIXTURES)
+  listing = tmp_path / "listing.json"
+  raw = ("https://raw.githubusercontent.com/google-research-datasets/"
+         "Taskmaster/master/TM-4-2024/reward/reward_00.json")
+  listing.write_text(json.dumps([
+      {"name": "reward_00.json", "type": "file", "download_url": raw},
+      {"name": "README.md", "type": "file", "download_url": "unused"}]))
+  hh_url = f"{tfds_builders.HH_URL}/harmless-base/test.jsonl.gz"
+  served = {
+      hh_url: os.path.join(FIXTURES, "hh-rlhf/harmless-base/test.jsonl.gz"),
+      f"{tfds_builders.TASKMASTER_API}/TM-4-2024/reward": str(listing),
+      raw: os.path.join(FIXTURES, "taskmaster/TM-4-2024/reward/reward_00.json")}
+  for task, split, builder_cls, expected_urls in (
+      (HH, "test", tfds_builders.PerlHhRlhf, [hh_url]),
+      (TM4, "train", tfds_builders.PerlTaskmaster,
+       [f"{tfds_builders.TASKMASTER_API}/TM-4-2024/reward", raw])):
+    fake = _FakeDownloads(str(tmp_path / task), served)
+    os.makedirs(fake.download_dir)
+    builder = builder_cls(config=tfds_builders.builder_for(task)[1].name,
+                          data_dir=str(tmp_path / "tfds"), splits=[split])
+    generators = builder._split_generators(fake)
+    assert sorted(fake.asked) == sorted(expected_urls)
+    rows = [tuple(sorted(example.items())) for _, example in generators[split]]
+    # The task's own records from the same files (before the read-time
+    # quality checks, which the fixture's identical HH pair would fail).
+    fields = {f for r in rows for f, _ in r}
+    expected = [tuple(sorted((f, r[f]) for f in fields))
+                for r in common.RECORDS[task].records_fn(split)]
+    assert rows and collections.Counter(rows) == collections.Counter(expected)
