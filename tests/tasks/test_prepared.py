@@ -57,6 +57,10 @@ def reading(tfds_dir, monkeypatch):
 
 @real_data
 def test_prepared_rows_equal_the_in_memory_rows(reading):
+  for task in (HH, TM4):  # same tokenization, features and BOS/EOS handling
+    ours, theirs = pipeline.get_task(task + "_prepared"), pipeline.get_task(task)
+    assert ours.preprocessors == theirs.preprocessors
+    assert ours.output_features == theirs.output_features
   hh = _rows(HH + "_prepared", "test")
   assert len(hh) == 2312
   assert collections.Counter(hh) == collections.Counter(_rows(HH, "test"))
