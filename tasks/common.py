@@ -5,6 +5,8 @@ identical pairs) that are counted in the data report.
 Data source choice: `seqio.FunctionDataSource` over a generator that reads the
 upstream files as published (no TFDS prepare step, so a full upstream download
 can be dropped in place); SeqIO shards it per host with `ds.shard(shard_info)`.
+Each task's `<task>_prepared` twin (`tasks.prepared`) reads the same records
+from files its TFDS builder wrote once (`RECORDS` is what they prepare).
 """
 from __future__ import annotations
 
