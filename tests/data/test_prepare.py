@@ -5,12 +5,8 @@ import os
 import pytest
 
 from perl.data import prepare
+from tests import files
 from tests.tasks.fixture_data import FIXTURES
-
-
-def _files(root):
-  return sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs
-                if "downloads" not in d)
 
 
 def test_cli_prints_rows_and_shards_per_split(tmp_path, capsys):
@@ -28,15 +24,15 @@ def test_existing_preparation_is_kept_and_a_failed_overwrite_loses_nothing(
     tmp_path, capsys):
   kwargs = dict(task="bolt_sft", data_dir=str(tmp_path), num_shards=1)
   first = prepare.prepare(manual_dir=FIXTURES, **kwargs)
-  written = {f: os.path.getmtime(f) for f in _files(tmp_path)}
+  written = files.snapshot(tmp_path / "perl_bolt")
+  assert len(written) >= 5  # 3 splits' shards, dataset_info, features
   assert prepare.prepare(manual_dir=FIXTURES, **kwargs) == first
   assert "already prepared (pass --overwrite" in capsys.readouterr().out
   empty = tmp_path / "elsewhere"
   (empty / "other").mkdir(parents=True)  # a manual_dir without BOLT's files
   with pytest.raises(FileNotFoundError, match="elsewhere/bolt-sms-chat/perl/train.jsonl.*LDC2018T19"):
     prepare.prepare(manual_dir=str(empty), overwrite=True, **kwargs)
-  assert {f: os.path.getmtime(f) for f in _files(tmp_path)
-          if "elsewhere" not in f} == written
+  assert files.snapshot(tmp_path / "perl_bolt") == written
   assert not [f for f in os.listdir(tmp_path) if f.startswith(".prepare-")]
 
 
