@@ -31,6 +31,7 @@ import glob
 import inspect
 import json
 import os
+import re
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -145,7 +146,7 @@ class _TaskBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         description=(f"The records of the perl task {self.task!r} "
                      f"({self.SOURCE.name}), as plain text."),
         features=_features(kind),
-        homepage=self.SOURCE.origin.split(" ")[0],
+        homepage=re.search(r"https?://[^\s,)]+", self.SOURCE.origin).group(),
     )
 
   def splits_to_write(self) -> Tuple[str, ...]:
