@@ -36,6 +36,25 @@ def _rows(task, split, shard_info=None):
   return out
 
 
+def _assert_resumes_exactly(task, tmp_path):
+  """Save a shuffled, sharded, repeating iterator after 5 batches; a fresh
+  one restored there yields the next 2 batches the first one yields."""
+  def batches():
+    return pipeline.CheckpointableBatches(pipeline.get_dataset(
+        task=task, split="test", feature_lengths={"prompt": 32, "response": 16},
+        batch_size=8, shard_info=(1, 2), seed=3, shuffle=True, num_epochs=None))
+  first = batches()
+  for _ in range(5):
+    next(first)
+  first.save(str(tmp_path / "position"))
+  expected = [next(first) for _ in range(2)]
+  resumed = batches()
+  resumed.restore(str(tmp_path / "position"))
+  for want in expected:
+    got = next(resumed)
+    assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory):
   """HH harmless-base test and every TM-4 pointwise split, prepared once."""
@@ -83,7 +102,7 @@ def test_prepare_summary_and_files(reading):
 
 
 @real_data
-def test_two_hosts_read_disjoint_files_that_cover_the_split(reading,
+def test_two_hosts_read_disjoint_files_that_cover_the_split(reading, tmp_path,
                                                             monkeypatch):
   task = HH + "_prepared"
   shards = [_rows(task, "test", seqio.ShardInfo(i, 2)) for i in range(2)]
@@ -100,6 +119,10 @@ def test_two_hosts_read_disjoint_files_that_cover_the_split(reading,
     direct = [features.deserialize_example_np(own[i]) for i in range(len(own))]
     assert collections.Counter(rows) == collections.Counter(
         (r["chosen"], r["prompt"], r["rejected"]) for r in direct)
+
+  # A restored iterator goes on with exactly the batches the first would
+  # have produced next (the loop's resume: tests/trainers/test_input_resume.py).
+  _assert_resumes_exactly(task, tmp_path)
 
   # perl.data.pipeline hands its shard_info to the prepared source.
   seen = []
@@ -176,6 +199,7 @@ def test_tfrecord_format_reads_the_same_rows_sharded_by_file(tmp_path,
   assert not set(shards[0]) & set(shards[1])
   assert collections.Counter(shards[0] + shards[1]) == collections.Counter(
       _rows(HH, "test"))
+  _assert_resumes_exactly(task, tmp_path)  # TFDS's TFRecord reader, too
 
 
 def test_fixture_datasets_prepare_to_the_same_rows(tmp_path, monkeypatch):
