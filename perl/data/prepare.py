@@ -59,8 +59,11 @@ def prepare(*, task: str, data_dir: Optional[str] = None,
   from tasks import prepared  # pylint: disable=g-import-not-at-top
   if file_format not in FORMATS:
     raise ValueError(f"--file_format={file_format!r}: choose one of {FORMATS}.")
-  if manual_dir is not None and not os.path.isdir(manual_dir):
-    raise FileNotFoundError(f"--manual_dir={manual_dir} is not a directory.")
+  if manual_dir is not None and not (os.path.isdir(manual_dir)
+                                     and os.listdir(manual_dir)):
+    # (TFDS would take an empty one for "no manual_dir" and download.)
+    raise FileNotFoundError(f"--manual_dir={manual_dir} is not a directory "
+                            "holding the raw files (layout as PERL_DATA_DIR).")
   data_dir = os.path.abspath(os.path.expanduser(data_dir or prepared.tfds_dir()))
   existing = _builder(task, data_dir)
   if existing.data_path.exists() and not overwrite:

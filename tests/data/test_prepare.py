@@ -40,6 +40,10 @@ def test_bad_arguments_are_one_clear_error(tmp_path):
   with pytest.raises(ValueError, match="--num_shards=4.*smaller --num_shards"):
     prepare.prepare(task="bolt_sft", data_dir=str(tmp_path),
                     manual_dir=FIXTURES, num_shards=4)
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(FileNotFoundError, match="empty is not a directory holding"):
+    prepare.prepare(task="bolt_sft", data_dir=str(tmp_path),
+                    manual_dir=str(tmp_path / "empty"))
   with pytest.raises(ValueError, match="'parquet': choose one of"):
     prepare.prepare(task="bolt_sft", data_dir=str(tmp_path),
                     file_format="parquet")
