@@ -294,3 +294,17 @@ def test_without_manual_dir_the_builder_downloads_the_upstream_urls(
     expected = [tuple(sorted((f, r[f]) for f in fields))
                 for r in common.RECORDS[task].records_fn(split)]
     assert rows and collections.Counter(rows) == collections.Counter(expected)
+
+
+def test_tfds_dir_gin_then_env(monkeypatch, tmp_path):
+  monkeypatch.delenv("PERL_TFDS_DIR", raising=False)
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+  assert prepared.tfds_dir() == str(tmp_path / "tfds")
+  monkeypatch.setenv("PERL_TFDS_DIR", str(tmp_path / "perl"))
+  assert prepared.tfds_dir() == str(tmp_path / "perl")
+  with gin.unlock_config():
+    gin.bind_parameter("tasks.prepared.tfds_dir.root", str(tmp_path / "gin"))
+  try:
+    assert prepared.tfds_dir() == str(tmp_path / "gin")
+  finally:
+    gin.clear_config()
