@@ -1,7 +1,7 @@
 """In-memory vs TFDS-prepared sources: throughput, first batch, resume cost.
 
     PERL_DATA_DIR=../shared/data python benchmarks/prepared_source.py \\
-        [--batch_size=64] [--steps=100] [--resume_after=10,100]
+        [--batch_size=64] [--steps=100] [--resume_after=10,100] [--repeats=3]
 
 On Anthropic HH harmless-base test (2,312 pairs, byte vocabulary, the
 reward-model converter at prompt 512 / response 256, shuffled, repeating),
@@ -14,12 +14,14 @@ into a tmp folder from PERL_DATA_DIR):
     the iterator is restored from its checkpoint (what a resumed run does),
     and when the N batches are replayed instead (`ds.skip(N)`), plus the
     checkpoint's size on disk.
+Each time is the median of --repeats runs.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -43,15 +45,21 @@ def _dir_bytes(path: str) -> int:
              for d, _, files in os.walk(path) for f in files)
 
 
-def measure(task: str, batch_size: int, steps: int, resume_after, work: str):
+def _seconds(fn) -> float:
   start = time.perf_counter()
-  batches = pipeline.CheckpointableBatches(_dataset(task, batch_size))
-  next(batches)
-  first = time.perf_counter() - start
-  start = time.perf_counter()
-  for _ in range(steps):
-    next(batches)
-  rate = steps * batch_size / (time.perf_counter() - start)
+  fn()
+  return time.perf_counter() - start
+
+
+def measure(task: str, batch_size: int, steps: int, resume_after, work: str,
+            repeats: int):
+  """Medians over `repeats` (the host is shared: single timings are noisy)."""
+  firsts, rates = [], []
+  for _ in range(repeats):
+    batches = pipeline.CheckpointableBatches(_dataset(task, batch_size))
+    firsts.append(_seconds(lambda: next(batches)))
+    rates.append(steps * batch_size / _seconds(
+        lambda: [next(batches) for _ in range(steps)]))
   resumes = []
   for n in resume_after:
     batches = pipeline.CheckpointableBatches(_dataset(task, batch_size))
@@ -59,19 +67,19 @@ def measure(task: str, batch_size: int, steps: int, resume_after, work: str):
       next(batches)
     prefix = os.path.join(work, f"{task}-{n}", "position")
     batches.save(prefix)
-    start = time.perf_counter()
-    restored = pipeline.CheckpointableBatches(_dataset(task, batch_size))
-    restored.restore(prefix)
-    next(restored)
-    restore_s = time.perf_counter() - start
-    start = time.perf_counter()
-    replayed = pipeline.CheckpointableBatches(
-        _dataset(task, batch_size).skip(n))
-    next(replayed)
-    replay_s = time.perf_counter() - start
-    resumes.append((n, restore_s, replay_s,
+
+    def restore():
+      restored = pipeline.CheckpointableBatches(_dataset(task, batch_size))
+      restored.restore(prefix)
+      next(restored)
+
+    def replay():
+      next(pipeline.CheckpointableBatches(_dataset(task, batch_size).skip(n)))
+
+    resumes.append((n, statistics.median(_seconds(restore) for _ in range(repeats)),
+                    statistics.median(_seconds(replay) for _ in range(repeats)),
                     _dir_bytes(os.path.dirname(prefix))))
-  return rate, first, resumes
+  return statistics.median(rates), statistics.median(firsts), resumes
 
 
 def main(argv=None) -> None:
@@ -79,12 +87,14 @@ def main(argv=None) -> None:
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--resume_after", default="10,100")
+  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
   if not os.environ.get("PERL_DATA_DIR"):
     sys.exit("Set PERL_DATA_DIR (e.g. ../shared/data): this reads HH harmless-base test.")
   resume_after = [int(n) for n in args.resume_after.split(",")]
   print(f"host: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPUs; batch {args.batch_size} pairs, byte vocabulary")
+        f"{os.cpu_count()} CPUs; batch {args.batch_size} pairs, byte vocabulary; "
+        f"medians of {args.repeats}")
   with tempfile.TemporaryDirectory() as work:
     sources = [("in memory", HH, None)]
     for file_format in ("array_record", "tfrecord"):
@@ -98,7 +108,7 @@ def main(argv=None) -> None:
       if data_dir:
         os.environ["PERL_TFDS_DIR"] = data_dir
       rate, first, resumes = measure(task, args.batch_size, args.steps,
-                                     resume_after, work)
+                                     resume_after, work, args.repeats)
       cells = "  ".join(f"N={n}: {r:.2f} / {p:.2f} / {b / 2**20:.1f}"
                         for n, r, p, b in resumes)
       print(f"{label:<24} {rate:8.0f} {first:14.2f}  {cells}", flush=True)
