@@ -5,12 +5,14 @@ identical pairs) that are counted in the data report.
 Data source choice: `seqio.FunctionDataSource` over a generator that reads the
 upstream files as published (no TFDS prepare step, so a full upstream download
 can be dropped in place); SeqIO shards it per host with `ds.shard(shard_info)`.
+Each task's `<task>_prepared` twin (`tasks.prepared`) reads the same records
+from files its TFDS builder wrote once (`RECORDS` is what they prepare).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import (Callable, Dict, Iterable, Iterator, List, Mapping,
-                    Optional, Sequence)
+                    Optional, Sequence, Tuple)
 
 import gin
 import seqio
@@ -170,6 +172,24 @@ def _eos_text(vocabulary: seqio.Vocabulary | None) -> str | None:
   return vocabularies.token_text_of(vocabulary, vocabulary.eos_id)
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskRecords:
+  """What a registered upstream task reads: the TFDS builders
+  (`tasks.tfds_builders`) prepare exactly these records."""
+  # sft / preference / pointwise / prompts.
+  kind: str
+  # The splits the task has.
+  splits: Tuple[str, ...]
+  # split -> records as the readers yield them (before the quality checks).
+  records_fn: Callable[[str], Iterable[dict]]
+  # split -> None; checks the split's files exist and open (None: no check).
+  preflight: Optional[Callable[[str], None]] = None
+
+
+# Every task registered through `register_task`, by name.
+RECORDS: Dict[str, TaskRecords] = {}
+
+
 def register_task(
     name: str, *, kind: str, splits: Sequence[str],
     records_fn: Callable[[str], Iterable[dict]],
@@ -180,6 +200,7 @@ def register_task(
   """Registers (or re-registers, so importing twice is safe) one task."""
   if kind not in KINDS:
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+  RECORDS[name] = TaskRecords(kind, tuple(splits), records_fn, preflight)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(

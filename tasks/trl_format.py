@@ -5,8 +5,9 @@ TRL's DPO/Reward trainers read rows of
   implicit prompt:  {"chosen": ..., "rejected": ...}  (the shared turns are the prompt)
 where each value is plain text ("standard") or a list of {"role", "content"}
 messages ("conversational"). Files are JSON lines (optionally .gz), a JSON
-array, or Parquet (the shards a Hugging Face `datasets` download holds), one
-path or glob per split, named in gin:
+array, Parquet (the shards a Hugging Face `datasets` download holds) or Arrow
+(the data-*.arrow of `datasets.save_to_disk`), one path or glob per split,
+named in gin:
 
   tasks.trl_format.data_files.files = {'train': '/data/train.jsonl',
                                        'test': '/data/test.jsonl'}
@@ -51,13 +52,31 @@ def _files(split: str) -> list[str]:
   return paths
 
 
-def _parquet_rows(path: str, scope: str):
-  """(where, record) of a Parquet file (a Hugging Face `datasets` shard)."""
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def _read_table(path: str):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  if path.endswith(".parquet"):
+    return pq.read_table(path)
+  # `datasets.save_to_disk` / the datasets cache: Arrow IPC streams.
+  with pa.memory_map(path) as source:
+    try:
+      return pa.ipc.open_stream(source).read_all()
+    except pa.ArrowInvalid:
+      source.seek(0)
+      return pa.ipc.open_file(source).read_all()
+
+
+def _parquet_rows(path: str, scope: str):
+  """(where, record) of a Parquet or Arrow file (a Hugging Face `datasets`
+  Hub shard, or a `save_to_disk` folder's data-*.arrow)."""
   try:
-    table = pq.read_table(path)
+    table = _read_table(path)
   except Exception as e:  # pyarrow raises several types for bad files
-    raise ValueError(f"{path}: not a readable Parquet file ({e}).") from None
+    kind = "Parquet" if path.endswith(".parquet") else "Arrow"
+    raise ValueError(f"{path}: not a readable {kind} file ({e}).") from None
   for index, record in enumerate(table.to_pylist()):
     where = f"{path} row {index}"
     problem = readers.require_fields(record, ("chosen", "rejected"))
@@ -105,7 +124,7 @@ def parse_row(record: Mapping) -> dict:
 def pairs(split: str) -> Iterator[dict]:
   scope = f"{PREFERENCE_TASK}/{split}"
   for path in _files(split):
-    rows = (_parquet_rows(path, scope) if path.endswith(".parquet") else
+    rows = (_parquet_rows(path, scope) if path.endswith(TABLE_SUFFIXES) else
             readers.read_json_records(path, required=("chosen", "rejected"),
                                       scope=scope))
     for where, record in rows:

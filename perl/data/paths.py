@@ -6,10 +6,12 @@ import time, so registering tasks never touches the file system.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
-from typing import Optional, Sequence
+import threading
+from typing import Iterator, Optional, Sequence
 
 import gin
 
@@ -30,9 +32,29 @@ class DataSourceInfo:
   origin: str
 
 
+# Roots set by `using_data_dir` in this thread (a TFDS builder reading its
+# manual_dir or its downloads through the tasks' own readers); they win over
+# gin and the env.
+_OVERRIDE = threading.local()
+
+
+@contextlib.contextmanager
+def using_data_dir(root: str) -> Iterator[str]:
+  """Within the block (and this thread), `data_dir()` is `root`."""
+  stack = _OVERRIDE.__dict__.setdefault("roots", [])
+  stack.append(os.path.abspath(os.path.expanduser(root)))
+  try:
+    yield stack[-1]
+  finally:
+    stack.pop()
+
+
 @gin.configurable(module="perl.data.paths")
 def data_dir(root: Optional[str] = None) -> str:
   """The root folder holding one sub-folder per upstream dataset."""
+  roots = getattr(_OVERRIDE, "roots", None)
+  if roots:
+    return roots[-1]
   root = root or os.environ.get(DATA_DIR_ENV)
   if not root:
     raise MissingDataError(

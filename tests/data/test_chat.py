@@ -259,3 +259,31 @@ def test_trl_rows_from_parquet_shards(tmp_path):
   assert len(examples) == 5
   byte = vocabularies.byte_vocabulary()
   assert _real(examples[4], "chosen") == byte.encode("order 4: yes") + [1]
+
+
+def test_trl_rows_from_a_datasets_save_to_disk_folder(tmp_path):
+  """`datasets.save_to_disk` writes Arrow IPC streams (data-*.arrow)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  rows = [{"prompt": f"order {i}:", "chosen": " yes", "rejected": " no"}
+          for i in range(4)]
+  table = pa.Table.from_pylist(rows)
+  with pa.OSFile(str(tmp_path / "data-00000-of-00001.arrow"), "wb") as sink:
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+      writer.write_table(table)
+  (tmp_path / "broken.arrow").write_bytes(b"not arrow")
+  with gin.unlock_config():
+    gin.bind_parameter("tasks.trl_format.data_files.files",
+                       {"train": str(tmp_path / "data-*.arrow"),
+                        "test": str(tmp_path / "broken.arrow")})
+  try:
+    ds = pipeline.get_dataset(task="trl_preference", split="train", shuffle=False,
+                              feature_lengths={"prompt": 16, "response": 8})
+    examples = list(ds.as_numpy_iterator())
+    with pytest.raises(ValueError, match="broken.arrow: not a readable Arrow"):
+      pipeline.get_dataset(task="trl_preference", split="test", shuffle=False,
+                           feature_lengths={"prompt": 16, "response": 8})
+  finally:
+    gin.clear_config()
+  assert len(examples) == 4
+  byte = vocabularies.byte_vocabulary()
+  assert _real(examples[3], "chosen") == byte.encode("order 3: yes") + [1]

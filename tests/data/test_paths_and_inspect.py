@@ -79,3 +79,17 @@ def test_inspect_reports_zero_synthetic_leakage(monkeypatch, capsys):
         "prompt_in_train": 0, "prompt_prefix_of_train_prompt": 0,
         "train_prompt_prefix_of_prompt": 0, "pair_in_train": 0,
         "pair_prefix_of_train_prompt": 0}, line
+
+
+def test_using_data_dir_wins_inside_the_block_and_thread_only(monkeypatch,
+                                                              tmp_path):
+  import threading
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path / "env"))
+  seen = []
+  with paths.using_data_dir(str(tmp_path / "manual")):
+    assert paths.data_dir() == str(tmp_path / "manual")
+    other = threading.Thread(target=lambda: seen.append(paths.data_dir()))
+    other.start()
+    other.join()
+  assert seen == [str(tmp_path / "env")]
+  assert paths.data_dir() == str(tmp_path / "env")
