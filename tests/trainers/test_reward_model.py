@@ -86,11 +86,16 @@ def test_resumed_run_reproduces_uninterrupted_run_exactly(tmp_path):
 def test_synthetic_sft_then_lora_reward_model_beats_080(tmp_path):
   """The PERL claim in miniature: SFT a tiny base through perl.main, then a
   LoRA-only RM on the frozen base reaches >= 80% pair accuracy on held-out
-  orders (0.836 measured at these settings; the old 0.90 bar was met on a
-  validation split whose prompts were almost all training prompts)."""
+  orders. At the demo's stage lengths (SFT 300, RM 1000 steps) it measured
+  0.880 and 0.886 (RM seeds 0, 1). The shorter 150 + 400 steps this test
+  ran before sat on the bar: 0.836 / 0.819 / 0.780 over RM seeds 0 / 1 / 2,
+  and 0.795 at seed 0 once attention's rounding changed (the CPU's blocked
+  kernel), with the eval loss rising from step 100: a coin flip, not a
+  check. The old 0.90 bar was met on a validation split whose prompts were
+  almost all training prompts."""
   sft_dir, rm_dir = str(tmp_path / "sft"), str(tmp_path / "rm")
   proc = _main("--gin_file=experiments/synthetic_sft.gin",
-               f"--gin.MODEL_DIR={sft_dir}", "--gin.TRAIN_STEPS=150",
+               f"--gin.MODEL_DIR={sft_dir}", "--gin.TRAIN_STEPS=300",
                "--gin.EVAL_EVERY=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert os.path.isdir(os.path.join(sft_dir, "export"))
@@ -98,9 +103,9 @@ def test_synthetic_sft_then_lora_reward_model_beats_080(tmp_path):
       os.path.join(sft_dir, "config.gin")).read()
   proc = _main("--gin_file=experiments/synthetic_reward_model.gin",
                f"--gin.MODEL_DIR={rm_dir}", f"--gin.BASE_CHECKPOINT={sft_dir}",
-               "--gin.TRAIN_STEPS=400", "--gin.EVAL_EVERY=0")
+               "--gin.TRAIN_STEPS=1000", "--gin.EVAL_EVERY=0")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert "trainable" in proc.stdout and "step 400/400" in proc.stdout
+  assert "trainable" in proc.stdout and "step 1000/1000" in proc.stdout
   final = [m for m in _metrics(rm_dir) if "eval/accuracy" in m][-1]
   assert final["eval/num_examples"] == 1000
   assert final["eval/accuracy"] >= 0.80, final
