@@ -66,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
                       help="Extra binding for every stage, e.g. --gin='TRAIN_STEPS = 10'.")
   args = parser.parse_args(argv)
+  from perl import main as perl_main  # pylint: disable=g-import-not-at-top
+  # gin logs "Path not found" for each search path it tries before the one
+  # that holds an included file; perl.main drops those, so does the demo.
+  perl_main.quiet_gin_search()
 
   from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top
   tf_setup.hide_accelerators_from_tensorflow()

@@ -279,7 +279,14 @@ def _quiet_by_default(argv: list[str]) -> None:
   argv.insert(1, '--verbosity=-1')  # absl WARNING: no Orbax/absl INFO
   # TensorFlow/XLA C++ start-up chatter (oneDNN, "no CUDA drivers").
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  logging_std.getLogger().addFilter(_QuietGinSearch())
+  quiet_gin_search()
+
+
+def quiet_gin_search() -> None:
+  """Installs the `Path not found` filter once (perl.main, perl.demo)."""
+  root = logging_std.getLogger()
+  if not any(isinstance(f, _QuietGinSearch) for f in root.filters):
+    root.addFilter(_QuietGinSearch())
 
 
 def console_entry(argv: Sequence[str] | None = None) -> None:
