@@ -108,7 +108,9 @@ def compile_rm(cfg, partitioner, finetune, args):
   adapters = {reward_model.ADAPTER: lora} if finetune == "lora" else None
   with partitioner:
     model = nnx.eval_shape(lambda: RewardModule(cfg, adapters=adapters, rngs=nnx.Rngs(0)))
-  rm = reward_model.RewardModel(kind="preference")
+  # Full fine-tuning scores with the base itself (no adapter to name).
+  rm = reward_model.RewardModel(
+      kind="preference", adapter=reward_model.ADAPTER if finetune == "lora" else None)
   trainer = core.Trainer(model=model, trainable=reward_model.trainable_filter(finetune),
                          loss_fn=rm.loss_fn, optimizer=core.OptimizerConfig(),
                          total_steps=100, partitioner=partitioner, abstract=True)
