@@ -122,7 +122,7 @@ def _backward(scale, softcap, residuals, dout):
           dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3), None)
 
 
-_attention.defvjp(lambda *a: _forward(*a), _backward)
+_attention.defvjp(_forward, _backward)
 
 
 def blocked_attention(q, k, v, mask, *, scale: float, softcap: float | None):

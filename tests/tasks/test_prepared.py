@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from perl.data import pipeline, prepare
 from tasks import common, prepared, tfds_builders
-from tests.tasks.fixture_data import FIXTURES, real_data
+from tests.tasks.fixture_data import FIXTURES, REAL_DATA_REASON, real_data
 
 HH = "hh_rlhf_harmless_base_preference"
 TM4 = "taskmaster4_pointwise"
@@ -59,8 +59,7 @@ def _assert_resumes_exactly(task, tmp_path):
 def tfds_dir(tmp_path_factory):
   """HH harmless-base test and every TM-4 pointwise split, prepared once."""
   if not os.environ.get("PERL_DATA_DIR"):
-    pytest.skip("PERL_DATA_DIR is unset: the prepared-source tests read the "
-                "real upstream files (CI sets PERL_DATA_DIR=../shared/data)")
+    pytest.skip(REAL_DATA_REASON)
   root = str(tmp_path_factory.mktemp("tfds"))
   manual = os.environ["PERL_DATA_DIR"]
   prepare.prepare(task=HH, data_dir=root, manual_dir=manual, splits=["test"])
