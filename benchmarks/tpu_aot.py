@@ -81,12 +81,11 @@ def _model_config(size, args):
   import rl_memory
   from perl.models import config as model_config
   # attention_impl is explicit: "auto" resolves on this CPU host (to the CPU
-  # kernel), not on the TPU the program is compiled for. XLA's kernel keeps the
-  # FLOPs visible to the cost analysis (splash is opaque to it; the attn-*
-  # rows compare the two).
+  # kernel), not on the TPU the program is compiled for. measure() swaps in
+  # args.attention_impl for the memory compile.
   return model_config.TransformerConfig(
       **rl_memory.SIZES[size], param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-      remat_policy="full", scan_layers=True, attention_impl=args.attention_impl)
+      remat_policy="full", scan_layers=True, attention_impl="xla")
 
 
 def _devices(chip, size):
@@ -266,7 +265,14 @@ def measure(key, args):
       # The compiler chose differently at 1 and 2 layers (e.g. another
       # fusion): the linear count does not hold, so no number is recorded.
       flops = nbytes = None
-    # Memory: the full-depth program with scanned layers (as configs/models).
+    # Memory: the full-depth program with scanned layers (as configs/models),
+    # with the attention kernel a TPU run uses (splash: attention_impl="auto"
+    # on TPU). The FLOP/byte compiles above keep XLA's attention, whose FLOPs
+    # the cost analysis can see (a Pallas kernel reads as 0 FLOPs).
+    if not step.startswith("decode-"):
+      cfg = dataclasses.replace(cfg, attention_impl=args.attention_impl)
+      os.environ["PERL_SPLASH_INTERPRET"] = "0"  # Mosaic for TPU, not the interpreter
+      extra["attention"] = args.attention_impl
     compiled = build(cfg)
     if step.startswith("decode-"):
       extra.update(weights_gib_total=sizes["weights"] / 2**30,
@@ -330,9 +336,10 @@ def render(rows: dict) -> str:
       "scanned layers. FLOPs/bytes: XLA's cost analysis counts a while body once, so",
       "they come from unrolled 1- and 2-layer compiles, c(L) = c1 + (L-1)(c2 - c1),",
       "exact for uniform layers. Pallas kernels are opaque to the cost analysis (the",
-      "attn-splash row's FLOPs read 0; its bytes are the kernel's operands), so the",
-      "step rows use XLA's attention (`--attention_impl=xla`, the default); the attn-*",
-      "rows compare it with splash, which a TPU run picks (attention_impl='auto').",
+      "attn-splash row's FLOPs read 0; its bytes are the kernel's operands), so those",
+      "compiles use XLA's attention, while each step row's memory comes from the",
+      "program a TPU run compiles: splash attention (attention_impl='auto' on TPU;",
+      "`--attention_impl=xla` for XLA's, named in the config column).",
       "",
       "## Steps",
       "",
@@ -344,7 +351,8 @@ def render(rows: dict) -> str:
     r = rows[key]
     lines.append(
         f"| {r['topology']} ({r['chips']} chips) | {r['date']} | {r['commit']} | {r['size']} | "
-        f"{r['step']} | {r['config']}{', mesh ' + r['mesh'] if 'mesh' in r else ''} | "
+        f"{r['step']} | {r['config']}{', mesh ' + r['mesh'] if 'mesh' in r else ''}"
+        f"{', attention ' + r.get('attention', 'xla') if r['step'][:3] in ('rm-', 'rl-') else ''} | "
         f"{r['peak_gib']:.2f} | {r['temp_gib']:.2f} | " + (
             "n/a: 1- and 2-layer compiles disagree | n/a | n/a |"
             if _no_cost(r) else
@@ -409,8 +417,9 @@ def main(argv=None):
   p.add_argument("--prompt_length", type=int, default=512)
   p.add_argument("--response_length", type=int, default=512)
   p.add_argument("--lora_rank", type=int, default=8)
-  p.add_argument("--attention_impl", default="xla", choices=["xla", "splash"],
-                 help="Attention kernel of the step rows (the attn-* rows run both).")
+  p.add_argument("--attention_impl", default="splash", choices=["xla", "splash"],
+                 help="Attention kernel of the step rows' memory compile (their FLOPs "
+                 "always come from XLA attention; the attn-* rows run both).")
   args = p.parse_args(argv)
   rows = {}
   if os.path.exists(RESULTS_JSON):

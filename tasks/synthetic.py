@@ -48,7 +48,11 @@ SPLITS = ("train", "validation", "test")
 # Salt of the split hash: fixed, so the sampling seed never moves an order
 # between splits.
 _SPLIT_SALT = "perl-synthetic-split/v1"
-MISTAKES = ("dropped_item", "wrong_count", "swapped_drink", "extra_item")
+# "repeated_drink" (" 1 mocha, 1 mocha") is the error RL policies drift to when
+# the reward model never saw it rejected: the Hydra-SFT reward model scored
+# it above the correct confirmation, and RL moved toward it.
+MISTAKES = ("dropped_item", "wrong_count", "swapped_drink", "extra_item",
+            "repeated_drink")
 # Markers a decoded response may end with; ground truth ignores them.
 _EOS_MARKERS = ("</s>", "<eos>", "<|endoftext|>", "<|end_of_text|>", "\x01")
 _ITEM = re.compile(r"^([0-9]+) ([a-z]+)$")
@@ -142,8 +146,10 @@ def random_order(rng: random.Random) -> Order:
 
 def mistaken_order(order: Order, rng: random.Random) -> Order:
   """A realistic wrong confirmation: dropped item, wrong count, swapped
-  drink or extra item. A dropped item needs two items; an extra item is only
-  added below MAX_ITEMS so every response stays within 26 bytes."""
+  drink, extra item or a drink confirmed twice. A dropped item needs two
+  items; an extra item is only added below MAX_ITEMS so every response stays
+  within 26 bytes (a repeated drink replaces another item's drink, or is
+  added to a one-item order)."""
   choices = [m for m in MISTAKES
              if (m != "dropped_item" or len(order) > 1)
              and (m != "extra_item" or len(order) < MAX_ITEMS)]
@@ -159,6 +165,12 @@ def mistaken_order(order: Order, rng: random.Random) -> Order:
                 drink)
   elif mistake == "swapped_drink":
     items[i] = (items[i][0], rng.choice(unused))
+  elif mistake == "repeated_drink":
+    if len(items) > 1:
+      other = rng.choice([j for j in range(len(items)) if j != i])
+      items[i] = (items[i][0], items[other][1])
+    else:
+      items.insert(rng.randrange(2), (rng.randint(1, MAX_COUNT), items[0][1]))
   else:
     items.insert(rng.randrange(len(items) + 1),
                  (rng.randint(1, MAX_COUNT), rng.choice(unused)))

@@ -31,8 +31,12 @@ class RLConfig:
   kl_mode: Literal["reward", "loss"] = "reward"
   # PERL's objective (1−β)·r − β·KL; False gives r − β·KL.
   scale_reward_by_one_minus_beta: bool = True
-  # Whiten advantages over the batch (not applied to GRPO's, already normalised).
-  whiten_advantages: bool = True
+  # Whiten advantages over the batch. None: for REINFORCE and PPO (learned-
+  # baseline advantages) only. RLOO's are already centred per group, and
+  # whitening would shift identical samples' zero advantage and scale a
+  # batch's few informative groups by 1/std (TRL's RLOO default is off too);
+  # GRPO's are already normalised (never whitened).
+  whiten_advantages: bool | None = None
   # Weight of the value loss.
   value_coef: float = 0.5
   # Weight of the entropy bonus (0 disables).
@@ -62,6 +66,15 @@ class RLConfig:
   # match) from the reward model's on the shared backbone: V starts near the
   # score instead of at random (the reward head is read at the last token).
   value_from_reward: bool = True
+
+  @property
+  def whitens(self) -> bool:
+    """Whether the update whitens advantages (whiten_advantages resolved)."""
+    if self.algorithm == "grpo":
+      return False
+    if self.whiten_advantages is None:
+      return self.algorithm in ("reinforce", "ppo")
+    return self.whiten_advantages
 
   def __post_init__(self):
     if self.algorithm not in ALGORITHMS:

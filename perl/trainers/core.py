@@ -253,7 +253,11 @@ class Trainer:
     grads, loss_sum, denom, metrics = self.accumulate(state.params, frozen,
                                                       batch, rng)
     denom = jnp.maximum(denom, 1e-9)
-    grads = jax.tree.map(lambda g: g / denom, grads)
+    # Back to each gradient's own dtype: a bf16 gradient divided by the f32
+    # denominator would come out f32 and carry the optimizer moments (and so
+    # the returned state) to f32, so step 2 would retrace and the step could
+    # not alias the donated state.
+    grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -234,7 +234,7 @@ class PolicyTrainer(core.Trainer):
       advantages, value_targets = adv_lib.gae(
           rewards, old_values, mask, gamma=rl.gamma, lam=rl.lam)
       value_mask = mask
-    if rl.whiten_advantages and rl.algorithm != "grpo":
+    if rl.whitens:
       advantages = adv_lib.masked_whiten(advantages, mask)
     stats = {
         "reward_mean": scores.mean(), "reward_std": scores.std(),
@@ -461,6 +461,7 @@ def train(
     eval_split: str = "validation",
     eval_batch_size: int | None = None,
     eval_max_batches: int | None = None,
+    eval_samples_per_prompt: int = 1,
     ground_truth: Callable[[str, str], float] | None = None,
     best_metric: str | None = None,
     mesh: str = "data=-1",
@@ -532,7 +533,8 @@ def train(
           batch_size=eval_batch_size or batch_size, partitioner=partitioner,
           split=eval_split, max_batches=eval_max_batches),
       sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth,
-      samples_dir=os.path.join(model_dir, policy_eval.SAMPLES_DIR))
+      samples_dir=os.path.join(model_dir, policy_eval.SAMPLES_DIR),
+      samples_per_prompt=eval_samples_per_prompt)
 
   return loop.fit(
       trainer=trainer, model_dir=model_dir, train_steps=train_steps,

@@ -67,16 +67,31 @@ def make_evaluate(
     sampling: decoding.SamplingConfig, vocabulary: seqio.Vocabulary,
     ground_truth: TruthFn | None = None, seed: int = 1234,
     samples_dir: str | None = None, num_samples: int = 4,
+    samples_per_prompt: int = 1,
 ) -> Callable[[], dict[str, float]]:
-  """() -> metrics over one pass of the held-out prompts."""
+  """() -> metrics over `samples_per_prompt` passes of the held-out prompts.
+
+  Each pass samples every prompt again with its own keys (the policy and the
+  SFT policy share a key, so their difference is not sampling noise); more
+  passes shrink the sampling error of each mean (a 0.99 success rate over
+  352 prompts has a standard error of 0.005 from one pass)."""
+  if samples_per_prompt < 1:
+    raise ValueError(f"eval samples_per_prompt must be >= 1, got {samples_per_prompt}.")
   temperature = decoding.scoring_temperature(sampling)
+
+  def passes():
+    for rep in range(samples_per_prompt):
+      key = jax.random.key(seed)
+      if rep:  # pass 0 keeps the one-pass keys: one pass is what it always was
+        key = jax.random.fold_in(jax.random.split(key)[1], rep)
+      for i, item in enumerate(prompt_batches()):
+        yield jax.random.fold_in(key, i), item
 
   def evaluate() -> dict[str, float]:
     sums: dict[str, float] = {}
     count = 0
     samples: list[dict[str, Any]] = []
-    for i, (batch, n) in enumerate(prompt_batches()):
-      rng = jax.random.fold_in(jax.random.key(seed), i)
+    for rng, (batch, n) in passes():
       shard = trainer.partitioner.shard_batch(
           {"p": batch["prompt_tokens"], "m": batch["prompt_mask"]})
       prompt_length = batch["prompt_tokens"].shape[1]

@@ -97,7 +97,16 @@ def test_mistakes_cover_every_kind():
   assert "2 latte" in seen or "1 mocha" in seen  # dropped item
   assert any(s.count(",") == 2 for s in seen)  # extra item
   assert "3 latte, 1 mocha" in seen or "2 latte, 2 mocha" in seen  # count
+  # A drink confirmed twice: the reward model must see it rejected, or RL
+  # drifts to it (" 1 mocha, 1 mocha" scored above the correct response).
+  assert "2 mocha, 1 mocha" in seen or "2 latte, 1 latte" in seen
+  single = ((2, "tea"),)
+  seen_single = {synthetic.format_items(synthetic.mistaken_order(single, rng))
+                 for _ in range(200)}
+  assert any(s.count("tea") == 2 for s in seen_single)
   assert synthetic.format_items(order) not in seen
+  for s in seen | seen_single:  # every mistake is wrong and fits the lengths
+    assert len(" " + s) <= 26
 
 
 def test_registered_tasks_and_vocabulary():

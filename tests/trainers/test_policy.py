@@ -307,3 +307,29 @@ def test_beta_of_one_or_more_with_perl_scaling_is_one_clear_error():
   policy.RLConfig(kl=kl_lib.KLControllerConfig(init_coef=2.0),
                   scale_reward_by_one_minus_beta=False)
   policy.RLConfig(kl=kl_lib.KLControllerConfig(init_coef=0.9))
+
+
+def test_rloo_identical_samples_keep_zero_advantage_by_default():
+  """RLOO's leave-one-out advantage of a group of identical samples is 0. The
+  default must not whiten it: whitening over the batch shifts those zeros
+  by the token-weighted mean and scales the one informative group by
+  1/std, so the fewer groups differ, the louder they get (a peaked policy's
+  batches are mostly identical groups)."""
+  rl = policy.RLConfig(algorithm="rloo", samples_per_prompt=4)
+  assert not rl.whitens
+  trainer = _trainer(rl, steps=1)
+  # 3 prompts x 4 samples; only the first group's samples differ (and its
+  # responses have different lengths).
+  scores = jnp.array([1.0, 0.0, 0.0, 0.0] + [2.0] * 4 + [-1.0] * 4)
+  mask = jnp.ones((12, 4)).at[0, 2:].set(0.0)
+  lp = {k: jnp.zeros((12, 4)) for k in ("policy_logp", "anchor_logp", "entropy")}
+  out, _ = trainer._advantages(scores, lp, mask, jnp.ones(12, bool), jnp.float32(0.0))
+  adv = np.asarray(out["advantages"])
+  np.testing.assert_array_equal(adv[4:], 0.0)
+  np.testing.assert_allclose(adv[0, :2], 1.0)  # 1 − mean of the other three (0)
+  np.testing.assert_allclose(adv[1], -1.0 / 3.0, rtol=1e-6)
+  # REINFORCE and PPO (learned-baseline advantages) still whiten by default.
+  assert policy.RLConfig().whitens
+  assert policy.RLConfig(algorithm="ppo").whitens
+  assert policy.RLConfig(algorithm="rloo", samples_per_prompt=2,
+                         whiten_advantages=True).whitens
