@@ -21,6 +21,20 @@ import jax
 import jax.numpy as jnp
 
 LogitsFn = Callable[[jax.Array], jax.Array]
+# Default chunk: the most positions (a power of 2, at most 256) whose f32
+# logits stay within 2**23 elements (32 MiB) per row: 256 at a 32k
+# vocabulary, 64 at Llama 3's 128k, where 256 positions held 0.5 GiB per
+# chunk on each v5e chip (benchmarks/tpu_aot.py, the 1B RL step).
+MAX_CHUNK = 256
+MAX_ROW_ELEMENTS = 2**23
+
+
+def default_chunk_size(vocab_size: int) -> int:
+  """Positions per chunk for a vocabulary (see MAX_ROW_ELEMENTS)."""
+  c = MAX_CHUNK
+  while c > 1 and c * vocab_size > MAX_ROW_ELEMENTS:
+    c //= 2
+  return c
 
 
 def _chunk_stats(logits: jax.Array, targets: jax.Array, *, temperature: float,
@@ -43,7 +57,7 @@ def token_logprobs(
     targets: jax.Array,
     *,
     temperature: float = 1.0,
-    chunk_size: int = 256,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
     with_correct: bool = False,
 ) -> dict[str, jax.Array]:
@@ -54,6 +68,7 @@ def token_logprobs(
     grad: forward and the rematerialised backward).
   hidden: [B, T, D] hidden states at the positions that predict `targets`.
   targets: [B, T] int token ids.
+  chunk_size: positions per chunk; None: default_chunk_size(V).
   Returns {"logp": [B, T]} plus "entropy" (of the tempered softmax) and
   "correct" (argmax == target, float) when asked.
   """
@@ -62,6 +77,9 @@ def token_logprobs(
   b, t, d = hidden.shape
   if targets.shape != (b, t):
     raise ValueError(f"targets {targets.shape} do not match hidden {hidden.shape}.")
+  if chunk_size is None:
+    vocab = jax.eval_shape(logits_fn, jax.ShapeDtypeStruct((b, 1, d), hidden.dtype))
+    chunk_size = default_chunk_size(vocab.shape[-1])
   c = max(1, min(chunk_size, t))
   n = -(-t // c)
   pad = n * c - t

@@ -113,3 +113,19 @@ def test_sft_step_holds_no_full_vocabulary_logits():
   logits, _ = model(inputs, segment_ids=jnp.ones_like(targets))
   want, _ = _reference(logits, targets, 1.0)
   np.testing.assert_allclose(loss(state), -want.mean(), rtol=1e-5)
+
+
+def test_default_chunk_is_sized_by_the_vocabulary():
+  assert logprobs.default_chunk_size(259) == 256
+  assert logprobs.default_chunk_size(32_000) == 256
+  assert logprobs.default_chunk_size(128_256) == 64  # Llama 3
+  assert logprobs.default_chunk_size(256_000) == 32  # Gemma
+  # token_logprobs with no chunk_size uses it: a 2**17 vocabulary over 256
+  # positions is a scan of 4 chunks of 64, whose logits are 2**23 elements.
+  w = jnp.zeros((4, 2**17))
+  hidden = jnp.zeros((1, 256, 4))
+  targets = jnp.zeros((1, 256), jnp.int32)
+  jaxpr = jax.make_jaxpr(lambda h: logprobs.token_logprobs(
+      lambda x: x @ w, h, targets)["logp"])(hidden)
+  scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+  assert [e.params["length"] for e in scans] == [4]

@@ -86,7 +86,7 @@ class HydraModule(nnx.Module):
   def response_logprobs(self, tokens, *, positions, segment_ids, prompt_length: int,
                         adapter: str | None = POLICY, dropout_rng=None,
                         temperature: float = 1.0, with_entropy: bool = False,
-                        chunk_size: int = 256) -> dict[str, jax.Array]:
+                        chunk_size: int | None = None) -> dict[str, jax.Array]:
     """{"logp": [B, N]} (and "entropy") of the N response tokens.
 
     Computed in sequence chunks under remat (perl/logprobs.py), so the

@@ -37,8 +37,9 @@ class SftModel:
 
   # Adapter to run (None: the bare model, for full fine-tuning).
   adapter: str | None = None
-  # Positions per vocabulary-projection chunk (perl/logprobs.py).
-  chunk_size: int = 256
+  # Positions per vocabulary-projection chunk (None: perl/logprobs.py's
+  # default for the vocabulary).
+  chunk_size: int | None = None
 
   def token_stats(self, module: Transformer, batch, rng=None) -> dict[str, jax.Array]:
     """Per-token log-prob of the target and argmax hit, [B, T] each.
