@@ -109,13 +109,13 @@ def test_loss_is_weighted_sum_of_token_ce_and_bradley_terry(setup):
 
 @pytest.fixture(scope="module")
 def trained(setup):
-  """30 LoRA steps from the shared module; snapshots before/after."""
+  """60 LoRA steps from the shared module; snapshots before/after."""
   partitioner, module, held_out = setup
   model = hydra_sft.HydraSftModel(response_length=LENGTHS["response"])
   trainer = core.Trainer(
       model=module,
       trainable=reward_model.trainable_filter("lora", hydra_sft.ADAPTER),
-      loss_fn=model.loss_fn, partitioner=partitioner, total_steps=30,
+      loss_fn=model.loss_fn, partitioner=partitioner, total_steps=60,
       optimizer=core.OptimizerConfig(learning_rate=1e-2, decay="constant"))
   evaluate = trainer.jit_eval(model.eval_outputs)
   metrics = lambda: model.eval_metrics(jax.device_get(evaluate(held_out)))
@@ -126,7 +126,7 @@ def trained(setup):
     trainer.train_step(next(batches), jax.random.PRNGKey(0))
   after_two = _flat(trainer.model())
   trainable = set(checkpoints.flatten(trainer.state.params))
-  for _ in range(28):
+  for _ in range(58):
     trainer.train_step(next(batches), jax.random.PRNGKey(0))
   return dict(before=before, after_two=after_two, trainable=trainable,
               after=_flat(trainer.model()), eval_before=eval_before,
@@ -150,8 +150,9 @@ def test_only_hydra_adapter_and_reward_head_train(trained):
 
 
 def test_short_run_lowers_sft_and_bradley_terry_losses(trained):
-  # Measured (seed 0, 64 held-out pairs, random base): SFT 5.84 -> 3.11,
-  # BT 0.699 -> 0.435, accuracy 0.469 -> 0.656.
+  # Measured (seed 0, 64 held-out pairs, random base, 60 steps): SFT 5.87 ->
+  # 2.66, BT 0.652 -> 0.488, accuracy 0.703 -> 0.734. (30 steps were enough
+  # before the synthetic task's repeated-drink mistake: BT 0.652 -> 0.584.)
   e0, e1 = trained["eval_before"], trained["eval_after"]
   assert e1["sft_loss"] < 0.7 * e0["sft_loss"], (e0, e1)
   assert e1["token_nll"] < 0.7 * e0["token_nll"], (e0, e1)

@@ -68,12 +68,15 @@ def test_rl_raises_the_reward_with_bounded_kl(rl, lr):
   trainer = _trainer(rl, lr=lr)
   before = _eval_reward(trainer)
   kls = []
-  for _ in range(15):
-    m = trainer.train_step(PROMPTS, jax.random.key(0))
+  for i in range(15):
+    # A fresh key per step, as loop.fit gives (one fixed key resamples the
+    # same rollouts every step: RLOO's gain then hung on that one draw).
+    m = trainer.train_step(PROMPTS, jax.random.key(i))
     kls.append(m["kl"])
   after = _eval_reward(trainer)
   # The random reward model's scores spread about ±0.5; 15 steps must gain
-  # a clear part of that on held-out samples.
+  # a clear part of that on held-out samples (measured: reinforce 0.16,
+  # rloo 0.11, ppo 0.15).
   assert after > before + 0.1, (before, after)
   assert np.isfinite(kls).all() and max(kls) < 20.0
   assert trainer.step == 15
