@@ -14,6 +14,9 @@ hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
            + backward (XLA's dot_product_attention, perl's blocked CPU kernel
            that the step uses, and torch SDPA, causal). GFLOP/s of attention
            count the full square (the causal kernels skip about half).
+  trace    (--parts=trace) a jax.profiler trace of the whole step: XLA:CPU
+           op time by kind (dots, layout copies, other fusions) and the
+           largest copies with their shapes and the op they come from.
 Times are medians of --repeats runs, as wall seconds and as CPU seconds of
 this process (all threads: on a shared machine wall time includes waiting
 for a core). The load average is printed with them.
@@ -67,8 +70,8 @@ def row(name, wall_cpu, flops=None):
         f"{gf} {rate}", flush=True)
 
 
-def step_part(args):
-  import jax
+def _build_step(args):
+  """(trainer, partitioner, reward model, config, numpy batch) of the step."""
   import numpy as np
   from flax import nnx
   from perl import partitioning
@@ -94,6 +97,14 @@ def step_part(args):
     batch[f"{side}_segment_ids"] = np.ones((b, t), np.int32)
     batch[f"{side}_positions"] = np.broadcast_to(
         np.arange(t, dtype=np.int32), (b, t)).copy()
+  return trainer, part, rm, cfg, batch
+
+
+def step_part(args):
+  import jax
+  from flax import nnx
+  trainer, part, rm, cfg, batch = _build_step(args)
+  b, t = args.pairs, args.tokens
   nbytes = sum(v.nbytes for v in batch.values())
   print(f"step: {b} pairs x {t} tokens, one forward over {2 * b} rows "
         f"(score_pairs), remat={cfg.remat_policy}; host->device per step: "
@@ -122,6 +133,55 @@ def step_part(args):
   row("whole train step (train_step, AdamW)",
       timed(lambda: jax.block_until_ready(trainer.train_step(batch, key)),
             args.repeats), step_flops)
+
+
+def trace_part(args):
+  """Op time of the whole step by kind, from a jax.profiler trace."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import tempfile
+  import jax
+  trainer, part, _, _, batch = _build_step(args)
+  key = jax.random.key(0)
+  for _ in range(2):
+    jax.block_until_ready(trainer.train_step(batch, key))
+  trace_dir = tempfile.mkdtemp(prefix="rm_step_trace_")
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(args.repeats):
+      jax.block_until_ready(trainer.train_step(batch, key))
+  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+  with gzip.open(path) as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  hlo = trainer._step_fn.lower(trainer.state, trainer.frozen, part.shard_batch(batch),  # pylint: disable=protected-access
+                               key).compile().as_text()
+  kinds, copies = collections.Counter(), collections.Counter()
+  for e in events:
+    name = e.get("name", "")
+    # XLA:CPU thunks only: not the executor, the waits or Python frames.
+    if (e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "Thunk", "Pjit"))
+        or "Await" in name or "block_until_ready" in name):
+      continue
+    if name.startswith("ynn_fusion") or name.startswith("dot"):
+      kind = "dots (XNNPACK fusions and Eigen)"
+    elif "copy" in name or "transpose" in name:
+      kind = "layout copies and transposes"
+      copies[name] += e["dur"]
+    else:
+      kind = re.sub(r"[._]\d+$", "", name)
+    kinds[kind] += e["dur"]
+  total = sum(kinds.values())
+  print(f"trace: {args.repeats} steps, op time summed over threads, per step:")
+  for kind, us in kinds.most_common(8):
+    print(f"  {kind:<44}{us / args.repeats / 1e3:9.1f} ms {100 * us / total:5.1f}%")
+  print("  largest copies (shape, op):")
+  for name, us in copies.most_common(4):
+    m = re.search(r"%" + re.escape(name) + r" = (\S+) .*?op_name=\"([^\"]+)\"", hlo)
+    shape, op = (m.group(1), m.group(2)) if m else ("?", "?")
+    print(f"    {us / args.repeats / 1e3:7.1f} ms  {shape:<28} {op}")
 
 
 def kernels_part(args):
@@ -196,6 +256,8 @@ def main(argv=None):
     step_part(args)
   if "kernels" in parts:
     kernels_part(args)
+  if "trace" in parts:
+    trace_part(args)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
