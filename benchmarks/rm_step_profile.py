@@ -144,20 +144,19 @@ def trace_part(args):
   import re
   import tempfile
   import jax
-  trainer, part, _, _, batch = _build_step(args)
+  trainer, _, _, _, batch = _build_step(args)
   key = jax.random.key(0)
   for _ in range(2):
     jax.block_until_ready(trainer.train_step(batch, key))
-  trace_dir = tempfile.mkdtemp(prefix="rm_step_trace_")
-  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for _ in range(args.repeats):
-      jax.block_until_ready(trainer.train_step(batch, key))
-  path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
-  with gzip.open(path) as f:
-    events = json.load(f)
+  with tempfile.TemporaryDirectory(prefix="rm_step_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(args.repeats):
+        jax.block_until_ready(trainer.train_step(batch, key))
+    path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+    with gzip.open(path) as f:
+      events = json.load(f)
   events = events["traceEvents"] if isinstance(events, dict) else events
-  hlo = trainer._step_fn.lower(trainer.state, trainer.frozen, part.shard_batch(batch),  # pylint: disable=protected-access
-                               key).compile().as_text()
+  hlo = trainer.lower(batch).compile().as_text()  # names the traced ops
   kinds, copies = collections.Counter(), collections.Counter()
   for e in events:
     name = e.get("name", "")

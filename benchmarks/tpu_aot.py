@@ -76,13 +76,13 @@ def row_keys(args):
   return [k for k in keys if all(part in "/".join(k) for part in args.only.split("+"))]
 
 
-def _model_config(size, args):
+def _model_config(size):
   import jax.numpy as jnp
   import rl_memory
   from perl.models import config as model_config
   # attention_impl is explicit: "auto" resolves on this CPU host (to the CPU
   # kernel), not on the TPU the program is compiled for. measure() swaps in
-  # args.attention_impl for the memory compile.
+  # --attention_impl for the memory compile.
   return model_config.TransformerConfig(
       **rl_memory.SIZES[size], param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
       remat_policy="full", scan_layers=True, attention_impl="xla")
@@ -216,7 +216,7 @@ def measure(key, args):
   chip, size, step = key
   import jax
   from perl import partitioning
-  cfg = _model_config(size, args)
+  cfg = _model_config(size)
   topo, devices = _devices(chip, size)
   n = len(devices)
   partitioner = partitioning.Partitioner(
@@ -227,7 +227,6 @@ def measure(key, args):
     build = lambda c: compile_rm(c, partitioner, step[3:], args)
     config = f"{args.rm_batch_size} pairs x {args.rm_seq_len} tok, {step[3:]}"
   elif step.startswith("attn-"):
-    os.environ["PERL_SPLASH_INTERPRET"] = "0"  # the Mosaic TPU kernel, not the interpreter
     build = lambda c: compile_attention(c, partitioner, step[5:], args)
     config = (f"one layer fwd+bwd, {2 * args.rm_batch_size} x {args.rm_seq_len} tok, "
               f"causal + segment ids")
@@ -271,7 +270,6 @@ def measure(key, args):
     # the cost analysis can see (a Pallas kernel reads as 0 FLOPs).
     if not step.startswith("decode-"):
       cfg = dataclasses.replace(cfg, attention_impl=args.attention_impl)
-      os.environ["PERL_SPLASH_INTERPRET"] = "0"  # Mosaic for TPU, not the interpreter
       extra["attention"] = args.attention_impl
     compiled = build(cfg)
     if step.startswith("decode-"):
@@ -427,6 +425,8 @@ def main(argv=None):
       rows = json.load(f)
   if not args.render:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Splash compiles to the Mosaic TPU kernel here, not the CPU interpreter.
+    os.environ["PERL_SPLASH_INTERPRET"] = "0"
     for key in row_keys(args):
       r = measure(key, args)
       rows["/".join(key)] = r
