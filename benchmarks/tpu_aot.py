@@ -11,7 +11,9 @@ For each row, XLA:TPU's per-chip numbers are recorded:
 
   peak   = arguments + outputs - aliased + temporaries (memory_analysis)
   flops, bytes accessed                                 (cost_analysis)
-  roofline = max(flops / chip peak bf16 FLOP/s, bytes / chip HBM bandwidth)
+  HBM bytes   HBM reads + writes from the compiled HLO's memory spaces
+              (perl.utils.hlo.hbm_bytes: cost analysis also counts VMEM)
+  roofline = max(flops / chip peak bf16 FLOP/s, HBM bytes / chip HBM bandwidth)
 
 Rows: reward-model step (LoRA vs full fine-tuning; 16 pairs x 1,024 tokens),
 RL step (full with separate copies, LoRA separate, LoRA on the Hydra
@@ -275,17 +277,24 @@ def measure(key, args):
     if step.startswith("decode-"):
       extra.update(weights_gib_total=sizes["weights"] / 2**30,
                    cache_gib_total=sizes["cache"] / 2**30)
+  # HBM traffic of the program a run executes (scanned layers, each loop
+  # body times its trip count); small unrolled programs would keep buffers
+  # (a 2-layer KV cache) in VMEM that the full-depth one cannot.
+  from perl.utils import hlo
+  try:
+    hbm = float(hlo.hbm_bytes(compiled.as_text()))
+  except ValueError as e:  # a loop whose trip count the HLO does not show
+    print(f"{'/'.join(key)}: no HBM count ({e})", flush=True)
+    hbm = None
   mem = compiled.memory_analysis()
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
           - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-  spec = CHIPS[chip]
   return dict(
       chip=chip, size=size, step=step, topology=topo, chips=n,
       date=datetime.date.today().isoformat(), commit=_commit(), jax=jax.__version__,
       config=config, peak_gib=peak / 2**30, temp_gib=mem.temp_size_in_bytes / 2**30,
       args_gib=mem.argument_size_in_bytes / 2**30, flops=flops, bytes=nbytes,
-      roofline_ms=(None if flops is None else
-                   1e3 * max(flops / spec["flops"], nbytes / spec["hbm_bw"])),
+      hbm_bytes=hbm,
       compile_s=time.time() - t0, **extra)
 
 
@@ -307,6 +316,17 @@ def _commit():
 RATIO_TARGETS = {("rm", "1b"): 0.40, ("rm", "7b"): 0.35, ("rl", "1b"): 0.30, ("rl", "7b"): 0.20}
 
 
+def _roofline(r) -> str:
+  """max(FLOPs / peak, HBM bytes / bandwidth) in ms; '*' where the HBM count
+  is missing and cost-analysis bytes (which include VMEM traffic) stand in."""
+  if _no_cost(r):
+    return "n/a"
+  spec = CHIPS[r["chip"]]
+  nbytes, mark = ((r["hbm_bytes"], "") if r.get("hbm_bytes") is not None
+                  else (r["bytes"], "*"))
+  return f"{1e3 * max(r['flops'] / spec['flops'], nbytes / spec['hbm_bw']):.2f}{mark}"
+
+
 def _no_cost(r) -> bool:
   # Rows recorded before the monotonicity check: a negative count is the
   # same failed extrapolation.
@@ -324,8 +344,13 @@ def render(rows: dict) -> str:
       "section at the end is `benchmarks/vs_trl.py`'s and is kept). XLA:TPU ahead-of-time",
       "compilation on a CPU-only host (libtpu from benchmarks/requirements-tpu.txt,",
       "`jax.experimental.topologies`): per-chip compiled memory (peak = args + outputs -",
-      "aliased + temporaries) and cost analysis (FLOPs, bytes accessed). Roofline =",
-      "max(FLOPs / peak bf16 FLOP/s, bytes / HBM bandwidth) with published chip peaks:",
+      "aliased + temporaries) and cost analysis (FLOPs, bytes accessed), and HBM bytes:",
+      "the HBM reads and writes of the compiled HLO by the memory space XLA assigned each",
+      "buffer (`perl.utils.hlo.hbm_bytes`; \"bytes accessed\" also counts on-chip VMEM",
+      "traffic, e.g. a weight prefetched in four async slices counts as four full reads",
+      "and again as the dot's operand). Roofline = max(FLOPs / peak bf16 FLOP/s, HBM",
+      "bytes / HBM bandwidth; rows marked * predate the HBM count and use bytes",
+      "accessed) with published chip peaks:",
       "v5e 197 TFLOP/s, 819 GB/s, 16 GiB; v5p 459 TFLOP/s, 2,765 GB/s, 95 GiB.",
       "Llama-3.2-1B shapes (16 layers, d 2048, vocab 128,256, tied) and Llama-2-7B",
       "shapes (32 layers, d 4096, vocab 32,000); bf16 weights, remat full, LoRA r=8 on",
@@ -342,8 +367,8 @@ def render(rows: dict) -> str:
       "## Steps",
       "",
       "| device/topology | date | commit | model | step | config | peak GiB/chip | temp GiB | "
-      "GFLOP/chip | GB accessed/chip | roofline ms |",
-      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+      "GFLOP/chip | GB accessed/chip | HBM GB/chip | roofline ms |",
+      "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for key in sorted(rows):
     r = rows[key]
@@ -352,9 +377,10 @@ def render(rows: dict) -> str:
         f"{r['step']} | {r['config']}{', mesh ' + r['mesh'] if 'mesh' in r else ''}"
         f"{', attention ' + r.get('attention', 'xla') if r['step'][:3] in ('rm-', 'rl-') else ''} | "
         f"{r['peak_gib']:.2f} | {r['temp_gib']:.2f} | " + (
-            "n/a: 1- and 2-layer compiles disagree | n/a | n/a |"
-            if _no_cost(r) else
-            f"{r['flops'] / 1e9:,.1f} | {r['bytes'] / 1e9:,.2f} | {r['roofline_ms']:.2f} |"))
+            "n/a: 1- and 2-layer compiles disagree | n/a | "
+            if _no_cost(r) else f"{r['flops'] / 1e9:,.1f} | {r['bytes'] / 1e9:,.2f} | ")
+        + ("not recorded | " if r.get("hbm_bytes") is None else
+           f"{r['hbm_bytes'] / 1e9:,.2f} | ") + f"{_roofline(r)} |")
   grid = row_keys(argparse.Namespace(chips=",".join(CHIPS), sizes="1b,7b", only=""))
   missing = ["/".join(k) for k in grid if "/".join(k) not in rows]
   if missing:
@@ -381,10 +407,14 @@ def render(rows: dict) -> str:
         data, model = (int(x.split("=")[1]) for x in r["mesh"].split(","))
         # Each chip must read its weight shard and its cache shard once.
         once = (r["weights_gib_total"] / model + r["cache_gib_total"] / (data * model)) * 2**30
-        ratio = r["bytes"] / once
-        lines.append(f"| {r['topology']} | {size} | decode b={b}: bytes/step <= 1.2 x "
-                     f"(weights + KV cache read once) | {ratio:.2f} x | "
-                     f"{'yes' if ratio <= 1.2 else 'no'} |")
+        target = (f"| {r['topology']} | {size} | decode b={b}: HBM bytes/step <= 1.2 x "
+                  "(weights + KV cache read once) |")
+        if r.get("hbm_bytes") is None:
+          lines.append(f"{target} not recorded (bytes accessed, which counts VMEM "
+                       f"too: {r['bytes'] / once:.2f} x) | re-measure |")
+          continue
+        ratio = r["hbm_bytes"] / once
+        lines.append(f"{target} {ratio:.2f} x | {'yes' if ratio <= 1.2 else 'no'} |")
   lines += [
       "",
       "Published comparisons: PERL (Sidahmed et al. 2024) reports LoRA reward models at",
@@ -431,8 +461,9 @@ def main(argv=None):
       r = measure(key, args)
       rows["/".join(key)] = r
       cost = ("cost n/a" if _no_cost(r) else
-              f"{r['flops'] / 1e9:10,.0f} GFLOP  {r['bytes'] / 1e9:8,.2f} GB  roofline "
-              f"{r['roofline_ms']:8.2f} ms")
+              f"{r['flops'] / 1e9:10,.0f} GFLOP  {r['bytes'] / 1e9:8,.2f} GB")
+      cost += (f"  HBM {r['hbm_bytes'] / 1e9:8,.2f} GB" if r["hbm_bytes"] is not None
+               else "  HBM n/a") + f"  roofline {_roofline(r)} ms"
       print(f"{'/'.join(key):<28} peak {r['peak_gib']:7.2f} GiB  temp {r['temp_gib']:6.2f}  "
             f"{cost}  ({r['compile_s']:.0f}s)", flush=True)
       os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
