@@ -69,6 +69,17 @@ def reachable(comps, root: str) -> list[str]:
   return seen
 
 
+def loop_with_inner_loop(hlo_text: str) -> str:
+  """The body of the entry's while loop that runs another loop: a decode
+  loop's body (its layers are the inner loop)."""
+  comps, entry = parse(hlo_text)
+  bodies = [b for b in while_bodies(comps, entry)
+            if any(i.opcode == "while" for i in comps[b])]
+  if len(bodies) != 1:
+    raise ValueError(f"expected one entry loop with an inner loop, found {len(bodies)}")
+  return bodies[0]
+
+
 def while_bodies(comps, computation: str) -> list[str]:
   """Body computations of the while loops directly in `computation`."""
   out = []
@@ -164,12 +175,14 @@ def _operands(inst: Instruction) -> list[str]:
   return re.findall(r"%([\w.\-]+)", rest.split(")", 1)[0])
 
 
-def hbm_bytes(hlo_text: str) -> int:
-  """HBM bytes read and written by one run of a compiled TPU program."""
-  return sum(n for _, n in hbm_traffic(hlo_text))
+def hbm_bytes(hlo_text: str, computation: str | None = None) -> int:
+  """HBM bytes read and written by one run of a compiled TPU program (or of
+  one of its computations, e.g. a decode loop's body: one token)."""
+  return sum(n for _, n in hbm_traffic(hlo_text, computation))
 
 
-def hbm_traffic(hlo_text: str) -> list[tuple[Instruction, int]]:
+def hbm_traffic(hlo_text: str, computation: str | None = None
+                ) -> list[tuple[Instruction, int]]:
   """(instruction, HBM bytes it reads and writes), for each that moves any.
 
   XLA:TPU's cost analysis "bytes accessed" also counts on-chip traffic: a
@@ -186,7 +199,7 @@ def hbm_traffic(hlo_text: str) -> list[tuple[Instruction, int]]:
   comps, entry = parse(hlo_text)
   shapes = {i.name: i.shape for c in comps.values() for i in c}
   out = []
-  for comp, times in _executions(comps, entry).items():
+  for comp, times in _executions(comps, computation or entry).items():
     first = len(out)
     for inst in comps[comp]:
       op = inst.opcode
