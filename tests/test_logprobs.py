@@ -129,3 +129,45 @@ def test_default_chunk_is_sized_by_the_vocabulary():
       lambda x: x @ w, h, targets)["logp"])(hidden)
   scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
   assert [e.params["length"] for e in scans] == [4]
+
+
+def test_fsdp_logprobs_are_vocabulary_parallel():
+  """On an FSDP mesh the tied output table (sharded on embed) is resharded
+  over the vocabulary, never all-gathered whole onto each device, and the
+  log-probs, entropy and gradients equal the single-device ones."""
+  from perl import partitioning
+  from perl.utils import hlo
+  part = partitioning.Partitioner("data=2,fsdp=4")
+  model = part.create_sharded_model(lambda: _model(embed_dim=64))
+  batch = 8
+  tokens = jax.random.randint(jax.random.key(2), (batch, T), 3, V)
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  graphdef, state = nnx.split(model)
+
+  def loss(state, inputs, targets):
+    m = nnx.merge(graphdef, state)
+    hidden, _ = m.hidden_states(inputs)
+    out = logprobs.token_logprobs(m.logits_fn(), hidden, targets, temperature=0.7,
+                                  chunk_size=8, with_entropy=True)
+    return -out["logp"].mean() - 0.01 * out["entropy"].mean(), out
+
+  rows = part.batch_sharding(2)
+  with part:
+    fn = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                 in_shardings=(part.state_shardings(state), rows, rows))
+    compiled = fn.lower(state, inputs, targets).compile()
+    (value, out), grads = fn(state, inputs, targets)
+  text = compiled.as_text()
+  tables = (f"[{V},64]", f"[64,{V}]")  # the whole table, either layout
+  gathers = [i.line[:160] for c in hlo.parse(text)[0].values() for i in c
+             if i.opcode.startswith("all-gather") and any(t in i.shape for t in tables)]
+  assert not gathers, gathers
+  # Each device's logits chunk covers a quarter of the vocabulary (fsdp=4).
+  assert f",{V // 4}]" in text and f"f32[1,8,{V}]" not in text
+  (want_value, want_out), want_grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(
+      jax.device_get(state), np.asarray(inputs), np.asarray(targets))
+  np.testing.assert_allclose(out["logp"], want_out["logp"], atol=1e-5)
+  np.testing.assert_allclose(out["entropy"], want_out["entropy"], atol=1e-4)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, atol=1e-5)

@@ -354,14 +354,25 @@ class Transformer(nnx.Module):
     c = self.config
     if c.tie_embeddings:
       weight, spec = self.embedder.embedding[...], "...d,vd->...v"
+      vocab_parallel = ("logits_vocab", None)
     else:
       weight, spec = self.unembed.kernel[...], "...d,dv->...v"
+      vocab_parallel = (None, "logits_vocab")
 
     def fn(hidden):
-      logits = jnp.einsum(spec, hidden.astype(c.dtype), weight.astype(c.dtype),
+      w = weight
+      if hidden.ndim == 3:
+        # Vocabulary-parallel (Megatron's vocab-parallel cross-entropy, by
+        # sharding constraints): each device holds a vocabulary slice of the
+        # weights and computes every row's logits over it, rather than
+        # gathering the whole table (FSDP shards it on embed). The caller's
+        # softmax reductions over the vocabulary become all-reduces of [B, C].
+        hidden = constrain(hidden, ("logits_batch", "length", None))
+        w = constrain(w, vocab_parallel)
+      logits = jnp.einsum(spec, hidden.astype(c.dtype), w.astype(c.dtype),
                           preferred_element_type=jnp.float32)
       if logits.ndim == 3:
-        logits = constrain(logits, ("batch", "length", "vocab"))
+        logits = constrain(logits, ("logits_batch", "length", "logits_vocab"))
       return _softcap(logits, c.final_logit_softcap)
 
     return fn
