@@ -436,7 +436,7 @@ def render(rows: dict) -> str:
                      f"{ratio:.3f} | {'yes' if ratio <= target else 'no'} |")
       for b in DECODE_BATCHES:
         r = get(chip, size, f"decode-b{b}")
-        if not r or _no_cost(r):
+        if not r or (_no_cost(r) and r.get("hbm_bytes") is None):
           continue
         data, model = (int(x.split("=")[1]) for x in r["mesh"].split(","))
         # Each chip must read its weight shard and its cache shard once.
