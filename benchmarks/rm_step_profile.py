@@ -14,9 +14,13 @@ hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
            + backward (XLA's dot_product_attention, perl's blocked CPU kernel
            that the step uses, and torch SDPA, causal). GFLOP/s of attention
            count the full square (the causal kernels skip about half).
-  trace    (--parts=trace) a jax.profiler trace of the whole step: XLA:CPU
-           op time by kind (dots, layout copies, other fusions) and the
-           largest copies with their shapes and the op they come from.
+  executor (--parts=executor) the step's MLP dots as a chain and as the MLP
+           graph (gate and up independent), each dot's time from a trace:
+           XLA:CPU's concurrent thunk executor runs each dot on one thread.
+  trace    (--parts=trace) a jax.profiler trace of the whole step: wall time
+           by the number of XLA ops running at once, XLA:CPU op time by kind
+           (dots, layout copies, other fusions) and the largest copies with
+           their shapes and the op they come from.
 Times are medians of --repeats runs, as wall seconds and as CPU seconds of
 this process (all threads: on a shared machine wall time includes waiting
 for a core). The load average is printed with them.
@@ -158,12 +162,8 @@ def trace_part(args):
   events = events["traceEvents"] if isinstance(events, dict) else events
   hlo = trainer.lower(batch).compile().as_text()  # names the traced ops
   kinds, copies = collections.Counter(), collections.Counter()
-  for e in events:
-    name = e.get("name", "")
-    # XLA:CPU thunks only: not the executor, the waits or Python frames.
-    if (e.get("ph") != "X" or "dur" not in e or name.startswith(("$", "Thunk", "Pjit"))
-        or "Await" in name or "block_until_ready" in name):
-      continue
+  for e in _op_events(events):
+    name = e["name"]
     if name.startswith("ynn_fusion") or name.startswith("dot"):
       kind = "dots (XNNPACK fusions and Eigen)"
     elif "copy" in name or "transpose" in name:
@@ -173,6 +173,10 @@ def trace_part(args):
       kind = re.sub(r"[._]\d+$", "", name)
     kinds[kind] += e["dur"]
   total = sum(kinds.values())
+  alone = _time_by_concurrency(events)
+  print(f"trace: {args.repeats} steps; wall time by the number of XLA ops running "
+        "at once, per step: " + ", ".join(
+            f"{k}: {v / args.repeats / 1e3:.0f} ms" for k, v in sorted(alone.items())))
   print(f"trace: {args.repeats} steps, op time summed over threads, per step:")
   for kind, us in kinds.most_common(8):
     print(f"  {kind:<44}{us / args.repeats / 1e3:9.1f} ms {100 * us / total:5.1f}%")
@@ -181,6 +185,84 @@ def trace_part(args):
     m = re.search(r"%" + re.escape(name) + r" = (\S+) .*?op_name=\"([^\"]+)\"", hlo)
     shape, op = (m.group(1), m.group(2)) if m else ("?", "?")
     print(f"    {us / args.repeats / 1e3:7.1f} ms  {shape:<28} {op}")
+
+
+def _op_events(events):
+  """XLA:CPU op (thunk) events of a trace: not the executor, waits or Python."""
+  return [e for e in events
+          if e.get("ph") == "X" and e.get("dur", 0) > 0
+          and not e.get("name", "").startswith(("$", "Thunk", "Thread", "Pjit", "end:"))
+          and "Await" not in e["name"] and "block_until_ready" not in e["name"]
+          and "Wait" not in e["name"]]
+
+
+def _time_by_concurrency(events, gap_us=20_000):
+  """{number of ops running at once: wall us}, host gaps between steps left out."""
+  import collections
+  edges = sorted(p for e in _op_events(events)
+                 for p in ((e["ts"], 1), (e["ts"] + e["dur"], -1)))
+  out, running, last = collections.Counter(), 0, edges[0][0] if edges else 0
+  for t, step in edges:
+    if running or t - last < gap_us:
+      out[running] += t - last
+    running, last = running + step, t
+  return out
+
+
+def _dot_times(fn, arrays, repeats):
+  """Median trace duration (ms) of each XLA:CPU dot in one run of `fn`."""
+  import collections
+  import glob
+  import gzip
+  import json
+  import statistics as st
+  import tempfile
+  import jax
+  jax.block_until_ready(fn(*arrays))
+  with tempfile.TemporaryDirectory(prefix="dot_trace_") as d:
+    with jax.profiler.trace(d):
+      for _ in range(repeats):
+        jax.block_until_ready(fn(*arrays))
+    with gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]) as f:
+      events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  durs = collections.defaultdict(list)
+  for e in _op_events(events):
+    if e["name"].startswith(("ynn_fusion", "dot")):
+      durs[e["name"]].append(e["dur"] / 1e3)
+  return sorted(st.median(v) for v in durs.values())
+
+
+def executor_part(args):
+  """The same three dots, as a chain and as an MLP (gate and up side by side).
+
+  XLA:CPU runs a program whose thunks can overlap with a concurrent executor;
+  this measures what that does to each dot of the RM step's MLP shapes.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rows, d, mlp = 2 * args.pairs * args.tokens, 512, 1408
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((rows, d), np.float32))
+  wg, wu = (jnp.asarray(rng.standard_normal((d, mlp), np.float32) * 0.05) for _ in "gu")
+  wd = jnp.asarray(rng.standard_normal((mlp, d), np.float32) * 0.05)
+  flops = 3 * 2.0 * rows * d * mlp
+  graphs = {
+      # No two thunks can overlap: the executor runs them in order.
+      "chain  x@Wg -> @Wd -> @Wu   (3 dots)": jax.jit(
+          lambda x, wg, wu, wd: (jax.nn.silu(x @ wg) @ wd) @ wu),
+      # gate and up are independent: the executor may overlap them.
+      "MLP    (x@Wg, x@Wu) -> @Wd (3 dots)": jax.jit(
+          lambda x, wg, wu, wd: (jax.nn.silu(x @ wg) * (x @ wu)) @ wd),
+  }
+  print(f"executor: {rows} token rows, d={d}, mlp={mlp}; fp32; each dot's time "
+        "from a profiler trace")
+  for name, fn in graphs.items():
+    arrays = (x, wg, wu, wd)
+    row(name, timed(lambda: jax.block_until_ready(fn(*arrays)), args.repeats), flops)
+    print(f"  {'':<44}dots: " + ", ".join(f"{t:.1f}" for t in
+                                          _dot_times(fn, arrays, args.repeats)) + " ms")
 
 
 def kernels_part(args):
@@ -255,6 +337,8 @@ def main(argv=None):
     step_part(args)
   if "kernels" in parts:
     kernels_part(args)
+  if "executor" in parts:
+    executor_part(args)
   if "trace" in parts:
     trace_part(args)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
