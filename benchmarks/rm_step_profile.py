@@ -16,7 +16,8 @@ hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
            count the full square (the causal kernels skip about half).
   executor (--parts=executor) the step's MLP dots as a chain and as the MLP
            graph (gate and up independent), each dot's time from a trace:
-           XLA:CPU's concurrent thunk executor runs each dot on one thread.
+           whether XLA:CPU's concurrent thunk executor leaves a dot on one
+           thread when another could overlap it.
   trace    (--parts=trace) a jax.profiler trace of the whole step: wall time
            by the number of XLA ops running at once, XLA:CPU op time by kind
            (dots, layout copies, other fusions) and the largest copies with
@@ -142,24 +143,12 @@ def step_part(args):
 def trace_part(args):
   """Op time of the whole step by kind, from a jax.profiler trace."""
   import collections
-  import glob
-  import gzip
-  import json
   import re
-  import tempfile
   import jax
   trainer, _, _, _, batch = _build_step(args)
   key = jax.random.key(0)
-  for _ in range(2):
-    jax.block_until_ready(trainer.train_step(batch, key))
-  with tempfile.TemporaryDirectory(prefix="rm_step_trace_") as trace_dir:
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-      for _ in range(args.repeats):
-        jax.block_until_ready(trainer.train_step(batch, key))
-    path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
-    with gzip.open(path) as f:
-      events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  jax.block_until_ready(trainer.train_step(batch, key))
+  events = _trace_events(lambda: trainer.train_step(batch, key), args.repeats)
   hlo = trainer.lower(batch).compile().as_text()  # names the traced ops
   kinds, copies = collections.Counter(), collections.Counter()
   for e in _op_events(events):
@@ -209,23 +198,30 @@ def _time_by_concurrency(events, gap_us=20_000):
   return out
 
 
-def _dot_times(fn, arrays, repeats):
-  """Median trace duration (ms) of each XLA:CPU dot in one run of `fn`."""
-  import collections
+def _trace_events(run, repeats):
+  """Trace events of `repeats` calls of `run` (already compiled) under jax.profiler."""
   import glob
   import gzip
   import json
-  import statistics as st
   import tempfile
   import jax
-  jax.block_until_ready(fn(*arrays))
-  with tempfile.TemporaryDirectory(prefix="dot_trace_") as d:
-    with jax.profiler.trace(d):
+  with tempfile.TemporaryDirectory(prefix="rm_step_trace_") as trace_dir:
+    with jax.profiler.trace(trace_dir):
       for _ in range(repeats):
-        jax.block_until_ready(fn(*arrays))
-    with gzip.open(glob.glob(f"{d}/**/*.trace.json.gz", recursive=True)[0]) as f:
+        jax.block_until_ready(run())
+    path = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)[0]
+    with gzip.open(path) as f:
       events = json.load(f)
-  events = events["traceEvents"] if isinstance(events, dict) else events
+  return events["traceEvents"] if isinstance(events, dict) else events
+
+
+def _dot_times(fn, arrays, repeats):
+  """Median trace duration (ms) of each XLA:CPU dot in one run of `fn`."""
+  import collections
+  import statistics as st
+  import jax
+  jax.block_until_ready(fn(*arrays))
+  events = _trace_events(lambda: fn(*arrays), repeats)
   durs = collections.defaultdict(list)
   for e in _op_events(events):
     if e["name"].startswith(("ynn_fusion", "dot")):

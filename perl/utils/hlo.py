@@ -89,13 +89,17 @@ def while_bodies(comps, computation: str) -> list[str]:
   return out
 
 
+def _root(body: list[Instruction]) -> Instruction | None:
+  """A computation's ROOT instruction."""
+  return next((i for i in body if i.line.startswith("ROOT")), None)
+
+
 def fusion_root_opcode(comps, inst: Instruction) -> str | None:
   """Opcode of a fusion's root instruction (None if not a fusion)."""
   if inst.opcode != "fusion" or not inst.called:
     return None
-  body = comps.get(inst.called[0], [])
-  roots = [i for i in body if i.line.startswith("ROOT")]
-  return roots[0].opcode if roots else None
+  root = _root(comps.get(inst.called[0], []))
+  return root.opcode if root else None
 
 
 def full_buffer_writes(hlo_text: str, shape: str) -> list[str]:
@@ -193,8 +197,8 @@ def hbm_traffic(hlo_text: str, computation: str | None = None
   its HBM results; a window read (slice, dynamic-slice, gather, slice-start,
   or a fusion parameter used only through them) reads the window; an
   in-place dynamic-update-slice moves only the update; an async op reads at
-  its start and writes at its done. A while body counts its known trip
-  count times (XLA's cost analysis counts it once).
+  its start and writes at its done. A while body counts its trip count
+  times (XLA's cost analysis counts it once).
   """
   comps, entry = parse(hlo_text)
   shapes = {i.name: i.shape for c in comps.values() for i in c}
@@ -240,7 +244,7 @@ def _trip_count(comps, parent: str, loop: Instruction) -> int:
   fail = ValueError(f"while loop without a known trip count: {loop.line[:120]}")
   cond = re.search(r"condition=%?([\w.\-]+)", loop.line)
   body = {i.name: i for i in comps.get(cond.group(1), [])} if cond else {}
-  root = next((i for i in body.values() if i.line.startswith("ROOT")), None)
+  root = _root(list(body.values()))
   if root is None or root.opcode != "compare" or "direction=LT" not in root.line:
     raise fail
   counter, limit = (body.get(o) for o in _operands(root))
@@ -298,7 +302,7 @@ def _window_bytes(comps, comp: str, index: int, depth: int = 0) -> int | None:
       for o in _operands(i):
         users.setdefault(o, []).append(i)
 
-  root = next(i for i in body if i.line.startswith("ROOT"))
+  root = _root(body)
 
   def reads(name):
     if name == root.name:
@@ -332,7 +336,7 @@ def _fusion_bytes(comps, inst: Instruction, ins: list[str],
   body = comps[comp]
   params = {int(re.search(r"parameter\((\d+)\)", i.line).group(1)): i.name
             for i in body if i.opcode == "parameter"}
-  root = next(i for i in body if i.line.startswith("ROOT"))
+  root = _root(body)
   roots = [root] if root.opcode != "tuple" else [
       next(i for i in body if i.name == o) for o in _operands(root)]
   in_place = {}  # parameter name -> bytes a root DUS writes into it
