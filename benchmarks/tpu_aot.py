@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,12 +71,26 @@ def row_keys(args):
   keys = []
   for chip in args.chips.split(","):
     for size in args.sizes.split(","):
-      for step in RM_SETUPS + RL_SETUPS:
+      for step in RM_SETUPS + rm_accum_setups(args, chip, size) + RL_SETUPS:
         keys.append((chip, size, step))
       for b in DECODE_BATCHES:
         keys.append((chip, size, f"decode-b{b}"))
       keys += [(chip, size, "attn-xla"), (chip, size, "attn-splash")]
   return [k for k in keys if all(part in "/".join(k) for part in args.only.split("+"))]
+
+
+def _chips(chip, size):
+  """Chips in the slice: 'v5e:4x4' -> 16."""
+  return math.prod(int(d) for d in SLICES[(chip, size)][0].split(":")[1].split("x"))
+
+
+def rm_accum_setups(args, chip, size):
+  """The same reward-model step as micro-batches of one sequence per chip
+  (Trainer grad_accum_steps; exact, losses are (sum, denominator)):
+  activations shrink on both sides, while full fine-tuning also holds a
+  params-sized gradient accumulator. () where that is one micro-batch."""
+  n = 2 * args.rm_batch_size // _chips(chip, size)
+  return (f"rm-lora-accum{n}", f"rm-full-accum{n}") if n > 1 else ()
 
 
 def _model_config(size):
@@ -97,7 +112,13 @@ def _devices(chip, size):
       name, "tpu", chips_per_host_bounds=per_host).devices
 
 
-def compile_rm(cfg, partitioner, finetune, args):
+def _rm_setup(step):
+  """'rm-lora' -> ('lora', 1); 'rm-full-accum4' -> ('full', 4)."""
+  finetune, _, accum = step[3:].partition("-accum")
+  return finetune, int(accum or 1)
+
+
+def compile_rm(cfg, partitioner, finetune, args, grad_accum_steps=1):
   import jax
   import numpy as np
   from flax import nnx
@@ -114,7 +135,8 @@ def compile_rm(cfg, partitioner, finetune, args):
       kind="preference", adapter=reward_model.ADAPTER if finetune == "lora" else None)
   trainer = core.Trainer(model=model, trainable=reward_model.trainable_filter(finetune),
                          loss_fn=rm.loss_fn, optimizer=core.OptimizerConfig(),
-                         total_steps=100, partitioner=partitioner, abstract=True)
+                         total_steps=100, partitioner=partitioner,
+                         grad_accum_steps=grad_accum_steps, abstract=True)
   b, t = args.rm_batch_size, args.rm_seq_len
   batch = {f"{side}_{key}": jax.ShapeDtypeStruct((b, t), np.int32)
            for side in ("chosen", "rejected")
@@ -255,9 +277,18 @@ def measure(key, args):
       partitioning.create_mesh(f"fsdp={n}", devices=devices))
   extra = {}
   t0 = time.time()
+  cost_build = None
   if step.startswith("rm-"):
-    build = lambda c: compile_rm(c, partitioner, step[3:], args)
-    config = f"{args.rm_batch_size} pairs x {args.rm_seq_len} tok, {step[3:]}"
+    finetune, accum = _rm_setup(step)
+    build = lambda c: compile_rm(c, partitioner, finetune, args, accum)
+    config = f"{args.rm_batch_size} pairs x {args.rm_seq_len} tok, {finetune}"
+    if accum > 1:
+      # The micro-batch loop is a while loop, whose body the cost analysis
+      # counts once: FLOPs/bytes come from the one-batch program (same math,
+      # plus the accumulator's adds); memory and HBM bytes from this one.
+      cost_build = lambda c: compile_rm(c, partitioner, finetune, args, 1)
+      config += (f", {accum} micro-batches of {args.rm_batch_size // accum} "
+                 "(FLOPs/bytes: the 1-batch program)")
   elif step.startswith("attn-"):
     build = lambda c: compile_attention(c, partitioner, step[5:], args)
     config = (f"one layer fwd+bwd, {2 * args.rm_batch_size} x {args.rm_seq_len} tok, "
@@ -289,8 +320,9 @@ def measure(key, args):
     # FLOPs and bytes: XLA's cost analysis counts a while body once, so the
     # scanned model hides L-1 layers. Unrolled 1- and 2-layer compiles give
     # the exact linear count for uniform layers: c(L) = c1 + (L-1)(c2 - c1).
-    f1, b1 = _cost(build(dataclasses.replace(cfg, num_layers=1, scan_layers=False)))
-    f2, b2 = _cost(build(dataclasses.replace(cfg, num_layers=2, scan_layers=False)))
+    cost_build = cost_build or build
+    f1, b1 = _cost(cost_build(dataclasses.replace(cfg, num_layers=1, scan_layers=False)))
+    f2, b2 = _cost(cost_build(dataclasses.replace(cfg, num_layers=2, scan_layers=False)))
     flops = f1 + (cfg.num_layers - 1) * (f2 - f1)
     nbytes = b1 + (cfg.num_layers - 1) * (b2 - b1)
     if f2 < f1 or b2 < b1:
@@ -328,6 +360,29 @@ def measure(key, args):
       args_gib=mem.argument_size_in_bytes / 2**30, flops=flops, bytes=nbytes,
       hbm_bytes=hbm,
       compile_s=time.time() - t0, **extra)
+
+
+def does_not_fit_row(key, message):
+  """The row of a program XLA:TPU refuses for memory: its first line that
+  says how much it asked for (e.g. "... 16.79G of 15.75G hbm")."""
+  chip, size, step = key
+  lines = [l.strip() for l in message.splitlines() if l.strip()]
+  said = next((l for l in lines if "memory" in l.lower() or "hbm" in l.lower()), lines[0])
+  return dict(chip=chip, size=size, step=step, topology=SLICES[(chip, size)][0],
+              chips=_chips(chip, size),
+              date=datetime.date.today().isoformat(), commit=_commit(),
+              error=said[:300])
+
+
+def _save(rows):
+  """Writes the JSON, keeping rows another run wrote meanwhile."""
+  os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
+  if os.path.exists(RESULTS_JSON):
+    with open(RESULTS_JSON) as f:
+      rows = {**json.load(f), **rows}
+  with open(RESULTS_JSON, "w") as f:
+    json.dump(rows, f, indent=1, sort_keys=True)
+  return rows
 
 
 def _cost(compiled):
@@ -406,6 +461,11 @@ def render(rows: dict) -> str:
   ]
   for key in sorted(rows):
     r = rows[key]
+    if "error" in r:
+      lines.append(f"| {r['topology']} ({r['chips']} chips) | {r['date']} | {r['commit']} | "
+                   f"{r['size']} | {r['step']} | does not fit: {r['error']} | "
+                   + "n/a | " * 6)
+      continue
     lines.append(
         f"| {r['topology']} ({r['chips']} chips) | {r['date']} | {r['commit']} | {r['size']} | "
         f"{r['step']} | {r['config']}{', mesh ' + r['mesh'] if 'mesh' in r else ''}"
@@ -415,7 +475,8 @@ def render(rows: dict) -> str:
             if _no_cost(r) else f"{r['flops'] / 1e9:,.1f} | {r['bytes'] / 1e9:,.2f} | ")
         + ("not recorded | " if r.get("hbm_bytes") is None else
            f"{r['hbm_bytes'] / 1e9:,.2f} | ") + f"{_roofline(r)} |")
-  grid = row_keys(argparse.Namespace(chips=",".join(CHIPS), sizes="1b,7b", only=""))
+  grid = row_keys(argparse.Namespace(chips=",".join(CHIPS), sizes="1b,7b", only="",
+                                     rm_batch_size=16))
   missing = ["/".join(k) for k in grid if "/".join(k) not in rows]
   if missing:
     lines += ["", "Not measured yet (each row is one `--only=` run away, e.g. "
@@ -425,17 +486,35 @@ def render(rows: dict) -> str:
             "| --- | --- | --- | --- | --- |"]
   for chip in CHIPS:
     for size in ("1b", "7b"):
-      for kind, num, den in (("rm", "rm-lora", "rm-full"),
-                             ("rl", "rl-lora-hydra", "rl-full-separate")):
-        a, b = get(chip, size, num), get(chip, size, den)
+      accum = rm_accum_setups(argparse.Namespace(rm_batch_size=16), chip, size)
+      pairs = [("rm", ("rm-lora",), ("rm-full",)),
+               ("rl", ("rl-lora-hydra",), ("rl-full-separate",))]
+      if accum:
+        # Each side at the micro-batch count that minimises its own peak:
+        # full fine-tuning may be leaner without micro-batches.
+        pairs.insert(1, ("rm", ("rm-lora", accum[0]), ("rm-full", accum[1])))
+      for kind, nums, dens in pairs:
+        best = []
+        for names in (nums, dens):
+          rs = [get(chip, size, s) for s in names]
+          rs = [None if r and "error" in r else r for r in rs]
+          best.append(None if None in rs else min(rs, key=lambda r: r["peak_gib"]))
+        a, b = best
         if not (a and b):
           continue
         ratio = a["peak_gib"] / b["peak_gib"]
         target = RATIO_TARGETS[(kind, size)]
+        num, den = (" | ".join(n) if len(n) == 1 else "min(" + ", ".join(n) + ")"
+                    for n in (nums, dens))
+        chosen = f" ({a['step']} / {b['step']})" if len(nums) > 1 else ""
         lines.append(f"| {a['topology']} | {size} | peak {num} / {den} <= {target:.2f} | "
-                     f"{ratio:.3f} | {'yes' if ratio <= target else 'no'} |")
+                     f"{ratio:.3f}{chosen} | {'yes' if ratio <= target else 'no'} |")
       for b in DECODE_BATCHES:
         r = get(chip, size, f"decode-b{b}")
+        if r and "error" in r:
+          lines.append(f"| {r['topology']} | {size} | decode b={b}: HBM bytes/step <= 1.2 x "
+                       "(weights + KV cache read once) | does not fit the slice | no |")
+          continue
         if not r or (_no_cost(r) and r.get("hbm_bytes") is None):
           continue
         data, model = (int(x.split("=")[1]) for x in r["mesh"].split(","))
@@ -492,7 +571,17 @@ def main(argv=None):
     # Splash compiles to the Mosaic TPU kernel here, not the CPU interpreter.
     os.environ["PERL_SPLASH_INTERPRET"] = "0"
     for key in row_keys(args):
-      r = measure(key, args)
+      try:
+        r = measure(key, args)
+      except Exception as e:  # pylint: disable=broad-except
+        if "RESOURCE_EXHAUSTED" not in str(e) and "Ran out of memory" not in str(e):
+          raise
+        # A program that does not fit the slice is a measurement too.
+        r = does_not_fit_row(key, str(e))
+        rows["/".join(key)] = r
+        print(f"{'/'.join(key):<28} does not fit: {r['error']}", flush=True)
+        _save(rows)
+        continue
       rows["/".join(key)] = r
       cost = ("cost n/a" if _no_cost(r) else
               f"{r['flops'] / 1e9:10,.0f} GFLOP  {r['bytes'] / 1e9:8,.2f} GB")
@@ -500,12 +589,7 @@ def main(argv=None):
                else "  HBM n/a") + f"  roofline {_roofline(r)} ms"
       print(f"{'/'.join(key):<28} peak {r['peak_gib']:7.2f} GiB  temp {r['temp_gib']:6.2f}  "
             f"{cost}  ({r['compile_s']:.0f}s)", flush=True)
-      os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
-      if os.path.exists(RESULTS_JSON):  # keep rows another run wrote meanwhile
-        with open(RESULTS_JSON) as f:
-          rows = {**json.load(f), **rows}
-      with open(RESULTS_JSON, "w") as f:
-        json.dump(rows, f, indent=1, sort_keys=True)
+      rows = _save(rows)
   # Sections other scripts own (benchmarks/vs_trl.py's "## Peer benchmark")
   # follow the rendered part and are kept as they are.
   kept = ""
@@ -514,8 +598,9 @@ def main(argv=None):
       existing = f.read()
     if PEER_MARKER in existing:
       kept = "\n" + existing[existing.index(PEER_MARKER):]
-  with open(RESULTS_MD, "w") as f:
-    f.write(render(rows).rstrip("\n") + "\n" + kept)
+  text = render(rows).rstrip("\n") + "\n" + kept  # before opening: a failed
+  with open(RESULTS_MD, "w") as f:                  # render keeps the old file
+    f.write(text)
   print(f"wrote {RESULTS_MD} ({len(rows)} rows)")
 
 

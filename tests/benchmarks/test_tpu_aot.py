@@ -1,0 +1,76 @@
+"""benchmarks/tpu_aot.py's rendering of RESULTS.md (pure Python, no libtpu)."""
+import importlib.util
+import os
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tpu_aot.py")
+
+
+@pytest.fixture(name="tpu_aot")
+def _tpu_aot():
+  spec = importlib.util.spec_from_file_location("tpu_aot", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _row(step, peak, size="1b", chip="v5e"):
+  return dict(chip=chip, size=size, step=step, topology="v5e:2x2", chips=4,
+              date="2026-12-01", commit="abc1234", config="c", peak_gib=peak,
+              temp_gib=peak / 2, args_gib=0.5, flops=1e12, bytes=1e9, hbm_bytes=1e9)
+
+
+def _target_line(text, needle):
+  lines = [l for l in text.splitlines() if l.startswith("| v5e:2x2 |") and needle in l]
+  assert len(lines) == 1, lines
+  return lines[0]
+
+
+def test_micro_batched_reward_model_rows_are_one_per_chip(tpu_aot):
+  import argparse
+  args = argparse.Namespace(chips="v5e,v5p", sizes="1b,7b", only="rm-", rm_batch_size=16)
+  steps = {"/".join(k) for k in tpu_aot.row_keys(args)}
+  # 16 pairs = 32 sequences: 4 chips -> 8 micro-batches, 16 chips -> 2.
+  assert {"v5e/1b/rm-lora-accum8", "v5e/1b/rm-full-accum8", "v5e/7b/rm-lora-accum2",
+          "v5p/7b/rm-full-accum4"} <= steps
+  assert not any("accum1" in s for s in steps)
+
+
+def test_reward_model_target_takes_each_sides_leanest_micro_batching(tpu_aot):
+  rows = {f"v5e/1b/{r['step']}": r for r in (
+      _row("rm-lora", 2.58), _row("rm-full", 4.0),
+      _row("rm-lora-accum8", 0.8), _row("rm-full-accum8", 5.0))}
+  text = tpu_aot.render(rows)
+  plain = _target_line(text, "peak rm-lora / rm-full")
+  assert "| 0.645 | no |" in plain
+  # LoRA is leaner micro-batched, full fine-tuning without: 0.8 / 4.0.
+  best = _target_line(text, "min(rm-lora, rm-lora-accum8)")
+  assert "0.200 (rm-lora-accum8 / rm-full) | yes |" in best
+
+
+def test_a_program_that_does_not_fit_is_a_row_and_fails_its_target(tpu_aot):
+  message = ("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error.\n"
+             "Ran out of memory in memory space hbm. Used 16.79G of 15.75G hbm.")
+  row = tpu_aot.does_not_fit_row(("v5e", "1b", "decode-b256"), message)
+  assert row["error"] == "Ran out of memory in memory space hbm. Used 16.79G of 15.75G hbm."
+  text = tpu_aot.render({"v5e/1b/decode-b256": row})
+  assert "| decode-b256 | does not fit: Ran out of memory" in text
+  assert "decode b=256: HBM bytes/step <= 1.2 x (weights + KV cache read once) " \
+         "| does not fit the slice | no |" in text
+  assert "v5e/1b/decode-b256" not in text.split("Not measured yet")[-1]
+
+
+def test_a_failed_render_keeps_the_old_results(tpu_aot, tmp_path, monkeypatch):
+  md, js = tmp_path / "RESULTS.md", tmp_path / "tpu_aot.json"
+  md.write_text("# old results\n")
+  js.write_text("{}")
+  monkeypatch.setattr(tpu_aot, "RESULTS_MD", str(md))
+  monkeypatch.setattr(tpu_aot, "RESULTS_JSON", str(js))
+
+  def broken(rows):
+    raise RuntimeError("render failed")
+  monkeypatch.setattr(tpu_aot, "render", broken)
+  with pytest.raises(RuntimeError, match="render failed"):
+    tpu_aot.main(["--render"])
+  assert md.read_text() == "# old results\n"
