@@ -18,6 +18,10 @@ hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
            graph (gate and up independent), each dot's time from a trace:
            whether XLA:CPU's concurrent thunk executor leaves a dot on one
            thread when another could overlap it.
+  dots     (--parts=dots) each side's matmuls inside its own step, grouped by
+           size: op time, FLOPs and GFLOP/s (perl: XLA:CPU dots from a trace
+           and the compiled HLO; PyTorch: the plain PEFT loop of vs_trl.py
+           under torch.profiler), and the time of every other op.
   trace    (--parts=trace) a jax.profiler trace of the whole step: wall time
            by the number of XLA ops running at once, XLA:CPU op time by kind
            (dots, layout copies, other fusions) and the largest copies with
@@ -174,6 +178,164 @@ def trace_part(args):
     m = re.search(r"%" + re.escape(name) + r" = (\S+) .*?op_name=\"([^\"]+)\"", hlo)
     shape, op = (m.group(1), m.group(2)) if m else ("?", "?")
     print(f"    {us / args.repeats / 1e3:7.1f} ms  {shape:<28} {op}")
+
+
+def _dot_flops(hlo_text):
+  """{XLA:CPU op name: FLOPs of the dots it runs} from the compiled HLO.
+
+  An op is a dot or a fusion holding dots (XNNPACK's `ynn_fusion`): each dot
+  is 2 x its result's elements x its contracted size.
+  """
+  import math
+  import re
+  from perl.utils import hlo
+  comps, _ = hlo.parse(hlo_text)
+
+  def dims(shape):
+    m = re.match(r"\w+\[([\d,]*)\]", shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+  def one_dot(inst, shapes):
+    lhs = re.search(r"dot\(%([\w.\-]+)", inst.line).group(1)
+    contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.line).group(1)
+    k = math.prod(dims(shapes[lhs])[int(c)] for c in contract.split(",") if c)
+    return 2.0 * math.prod(dims(inst.shape)) * k
+
+  def flops_in(comp):
+    shapes = {i.name: i.shape for i in comps[comp]}
+    return sum((one_dot(i, shapes) if i.opcode == "dot" else 0.0)
+               + sum(flops_in(c) for c in i.called if c in comps)
+               for i in comps[comp])
+
+  out = {}
+  for comp, insts in comps.items():
+    shapes = {i.name: i.shape for i in insts}
+    for i in insts:
+      if i.opcode == "dot":
+        out[i.name] = one_dot(i, shapes)
+      elif i.opcode == "fusion" and i.called and i.called[0] in comps:
+        out[i.name] = flops_in(i.called[0])
+  return {k: v for k, v in out.items() if v}
+
+
+def dots_part(args):
+  """Each side's matmuls inside its own step: time, FLOPs and rate per shape.
+
+  perl: XLA:CPU dot ops from a trace of the train step, FLOPs from the
+  compiled HLO. PyTorch: the plain PEFT loop of benchmarks/vs_trl.py (same
+  shapes, random weights) under torch.profiler, mm/addmm/bmm with FLOPs.
+  """
+  import collections
+  import statistics as st
+  import jax
+  trainer, _, _, _, batch = _build_step(args)
+  key = jax.random.key(0)
+  timed_step = timed(lambda: jax.block_until_ready(trainer.train_step(batch, key)),
+                     args.repeats)
+  events = _trace_events(lambda: trainer.train_step(batch, key), args.repeats)
+  flops = _dot_flops(trainer.lower(batch).compile().as_text())
+  durs = collections.defaultdict(list)
+  other = 0.0
+  for e in _op_events(events):
+    if e["name"] in flops:
+      durs[e["name"]].append(e["dur"] / 1e3)
+    else:
+      other += e["dur"] / 1e3 / args.repeats
+  solo, shared = _dot_rates_by_overlap(_op_events(events), flops)
+  by_size = collections.defaultdict(lambda: [0, 0.0, 0.0])
+  for name, ds in durs.items():
+    g = by_size[round(flops[name] / 1e9, 2)]
+    g[0] += 1
+    g[1] += st.median(ds)
+    g[2] += flops[name]
+  print(f"dots: matmuls inside each side's step, {args.pairs} pairs x {args.tokens} "
+        "tokens, fp32; op times summed (XLA:CPU may run two at once)")
+  print(f"  perl train step {timed_step[0] * 1e3:.0f} ms wall")
+  _print_dot_groups("perl  XLA:CPU dot", {f"{k:.2f} GFLOP each": v
+                                          for k, v in by_size.items()}, other)
+  for label, (n, ms, fl) in (("alone (no other op)", solo), ("beside another op", shared)):
+    if n:
+      print(f"    perl  dots >1 GFLOP {label:<21} {n:4d} runs {fl / ms / 1e6:7.1f} GFLOP/s")
+  try:
+    import peft
+    import torch
+    import transformers
+  except ImportError:
+    print("  torch: not importable (benchmarks/requirements-vs-trl.txt)")
+    return
+  torch.manual_seed(0)
+  cfg = transformers.LlamaConfig(
+      vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
+      num_attention_heads=8, num_key_value_heads=8, head_dim=64, num_labels=1,
+      pad_token_id=0, attn_implementation="sdpa")
+  model = peft.get_peft_model(
+      transformers.LlamaForSequenceClassification(cfg),
+      peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+  ids = torch.as_tensor(batch["chosen_tokens"].tolist() + batch["rejected_tokens"].tolist())
+  b = args.pairs
+
+  def step():
+    scores = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                   use_cache=False).logits[:, 0]
+    (-torch.nn.functional.logsigmoid(scores[:b] - scores[b:]).mean()).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+  wall = timed(step, args.repeats)[0]
+  with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                              record_shapes=True, with_flops=True) as prof:
+    for _ in range(args.repeats):
+      step()
+  groups, other = collections.defaultdict(lambda: [0, 0.0, 0.0]), 0.0
+  for e in prof.key_averages(group_by_input_shape=True):
+    ms = e.self_cpu_time_total / 1e3 / args.repeats
+    if e.key in ("aten::mm", "aten::addmm", "aten::bmm") and e.flops:
+      g = groups[round(e.flops / e.count / 1e9, 2)]
+      g[0] += e.count // args.repeats
+      g[1] += ms
+      g[2] += e.flops / args.repeats
+    else:
+      other += ms
+  print(f"  torch plain PEFT step {wall * 1e3:.0f} ms wall")
+  _print_dot_groups("torch mm/addmm/bmm", {f"{k:.2f} GFLOP each": v
+                                           for k, v in groups.items()}, other)
+
+
+def _dot_rates_by_overlap(ops, flops, min_flops=1e9):
+  """([runs, ms, FLOPs] of big dots that ran alone, [...] beside another op).
+
+  "Alone": no other XLA op overlaps more than a tenth of the dot, so the dot
+  had both cores; beside another op it had about one.
+  """
+  ops = sorted(ops, key=lambda e: e["ts"])
+  solo, shared = [0, 0.0, 0.0], [0, 0.0, 0.0]
+  for i, e in enumerate(ops):
+    f = flops.get(e["name"], 0.0)
+    if f < min_flops:
+      continue
+    start, end = e["ts"], e["ts"] + e["dur"]
+    covered = 0.0
+    for j in range(max(0, i - 64), len(ops)):
+      o = ops[j]
+      if o["ts"] >= end:
+        break
+      if j != i:
+        covered += max(0.0, min(end, o["ts"] + o["dur"]) - max(start, o["ts"]))
+    g = solo if covered < 0.1 * e["dur"] else shared
+    g[0] += 1
+    g[1] += e["dur"] / 1e3
+    g[2] += f
+  return solo, shared
+
+
+def _print_dot_groups(side, groups, other_ms):
+  total_ms = sum(g[1] for g in groups.values())
+  total_flops = sum(g[2] for g in groups.values())
+  for label, (n, ms, fl) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:8]:
+    print(f"    {side:<20} {n:3d} x {label:<18} {ms:8.1f} ms {fl / ms / 1e6:7.1f} GFLOP/s")
+  print(f"    {side:<20} all: {total_ms:8.1f} ms, {total_flops / 1e9:.1f} GFLOP, "
+        f"{total_flops / total_ms / 1e6:.1f} GFLOP/s; other ops {other_ms:.1f} ms")
 
 
 def _op_events(events):
@@ -337,6 +499,8 @@ def main(argv=None):
     executor_part(args)
   if "trace" in parts:
     trace_part(args)
+  if "dots" in parts:
+    dots_part(args)
   print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
