@@ -256,6 +256,11 @@ def dots_part(args):
   for label, (n, ms, fl) in (("alone (no other op)", solo), ("beside another op", shared)):
     if n:
       print(f"    perl  dots >1 GFLOP {label:<21} {n:4d} runs {fl / ms / 1e6:7.1f} GFLOP/s")
+  ops = _op_events(events)
+  dot_wall = _union_us([e for e in ops if e["name"] in flops]) / 1e3 / args.repeats
+  any_wall = _union_us(ops) / 1e3 / args.repeats
+  print(f"    perl  wall per step: a dot running {dot_wall:.0f} ms, only other ops "
+        f"{any_wall - dot_wall:.0f} ms, no op running {timed_step[0] * 1e3 - any_wall:.0f} ms")
   try:
     import peft
     import torch
@@ -298,8 +303,24 @@ def dots_part(args):
     else:
       other += ms
   print(f"  torch plain PEFT step {wall * 1e3:.0f} ms wall")
+  # PyTorch runs one op at a time (intra-op threads within it), so the step's
+  # wall time is its matmuls' time plus everything else.
+  mm_ms = sum(g[1] for g in groups.values())
+  print(f"    torch wall per step: a matmul running {mm_ms:.0f} ms, everything else "
+        f"{wall * 1e3 - mm_ms:.0f} ms")
   _print_dot_groups("torch mm/addmm/bmm", {f"{k:.2f} GFLOP each": v
                                            for k, v in groups.items()}, other)
+
+
+def _union_us(ops):
+  """Wall time (us) covered by at least one of the events."""
+  total, end = 0.0, float("-inf")
+  for e in sorted(ops, key=lambda e: e["ts"]):
+    start, stop = e["ts"], e["ts"] + e["dur"]
+    if stop > end:
+      total += stop - max(start, end)
+      end = stop
+  return total
 
 
 def _dot_rates_by_overlap(ops, flops, min_flops=1e9):
