@@ -1,21 +1,6 @@
 """benchmarks/rm_step_profile.py's accounting: dot FLOPs per XLA op, wall unions."""
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
-import pytest
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks",
-                     "rm_step_profile.py")
-
-
-@pytest.fixture(name="profile")
-def _profile():
-  spec = importlib.util.spec_from_file_location("rm_step_profile", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_dot_flops_counts_each_compiled_dot_op(profile):

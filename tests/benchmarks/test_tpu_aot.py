@@ -1,18 +1,5 @@
 """benchmarks/tpu_aot.py's rendering of RESULTS.md (pure Python, no libtpu)."""
-import importlib.util
-import os
-
 import pytest
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "tpu_aot.py")
-
-
-@pytest.fixture(name="tpu_aot")
-def _tpu_aot():
-  spec = importlib.util.spec_from_file_location("tpu_aot", _PATH)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _row(step, peak, size="1b", chip="v5e"):
