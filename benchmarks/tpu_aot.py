@@ -464,7 +464,7 @@ def render(rows: dict) -> str:
     if "error" in r:
       lines.append(f"| {r['topology']} ({r['chips']} chips) | {r['date']} | {r['commit']} | "
                    f"{r['size']} | {r['step']} | does not fit: {r['error']} | "
-                   + "n/a | " * 6)
+                   + " | ".join(["n/a"] * 6) + " |")
       continue
     lines.append(
         f"| {r['topology']} ({r['chips']} chips) | {r['date']} | {r['commit']} | {r['size']} | "
