@@ -374,12 +374,15 @@ def does_not_fit_row(key, message):
               error=said[:300])
 
 
-def _save(rows):
-  """Writes the JSON, keeping rows another run wrote meanwhile."""
+def _save(measured):
+  """Adds this run's rows to the JSON and returns all rows. Rows come from
+  the file as it is now, so a run going on beside this one keeps the rows it
+  wrote meanwhile (a copy read at start would put their old values back)."""
   os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
+  rows = dict(measured)
   if os.path.exists(RESULTS_JSON):
     with open(RESULTS_JSON) as f:
-      rows = {**json.load(f), **rows}
+      rows = {**json.load(f), **measured}
   with open(RESULTS_JSON, "w") as f:
     json.dump(rows, f, indent=1, sort_keys=True)
   return rows
@@ -570,6 +573,7 @@ def main(argv=None):
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     # Splash compiles to the Mosaic TPU kernel here, not the CPU interpreter.
     os.environ["PERL_SPLASH_INTERPRET"] = "0"
+    measured = {}  # this run's rows: the only ones it may overwrite on disk
     for key in row_keys(args):
       try:
         r = measure(key, args)
@@ -578,18 +582,18 @@ def main(argv=None):
           raise
         # A program that does not fit the slice is a measurement too.
         r = does_not_fit_row(key, str(e))
-        rows["/".join(key)] = r
+        measured["/".join(key)] = r
         print(f"{'/'.join(key):<28} does not fit: {r['error']}", flush=True)
-        _save(rows)
+        rows = _save(measured)
         continue
-      rows["/".join(key)] = r
+      measured["/".join(key)] = r
       cost = ("cost n/a" if _no_cost(r) else
               f"{r['flops'] / 1e9:10,.0f} GFLOP  {r['bytes'] / 1e9:8,.2f} GB")
       cost += (f"  HBM {r['hbm_bytes'] / 1e9:8,.2f} GB" if r["hbm_bytes"] is not None
                else "  HBM n/a") + f"  roofline {_roofline(r)} ms"
       print(f"{'/'.join(key):<28} peak {r['peak_gib']:7.2f} GiB  temp {r['temp_gib']:6.2f}  "
             f"{cost}  ({r['compile_s']:.0f}s)", flush=True)
-      rows = _save(rows)
+      rows = _save(measured)
   # Sections other scripts own (benchmarks/vs_trl.py's "## Peer benchmark")
   # follow the rendered part and are kept as they are.
   kept = ""

@@ -3,7 +3,7 @@ import pytest
 
 
 def _row(step, peak, size="1b", chip="v5e"):
-  return dict(chip=chip, size=size, step=step, topology="v5e:2x2", chips=4,
+  return dict(chip=chip, size=size, step=step, topology="v5e:2x2", chips=4, compile_s=1.0,
               date="2026-12-01", commit="abc1234", config="c", peak_gib=peak,
               temp_gib=peak / 2, args_gib=0.5, flops=1e12, bytes=1e9, hbm_bytes=1e9)
 
@@ -61,3 +61,27 @@ def test_a_failed_render_keeps_the_old_results(tpu_aot, tmp_path, monkeypatch):
   with pytest.raises(RuntimeError, match="render failed"):
     tpu_aot.main(["--render"])
   assert md.read_text() == "# old results\n"
+
+
+
+def test_a_run_keeps_the_rows_a_concurrent_run_wrote(tpu_aot, tmp_path, monkeypatch):
+  import json
+  js, md = tmp_path / "tpu_aot.json", tmp_path / "RESULTS.md"
+  monkeypatch.setattr(tpu_aot, "RESULTS_JSON", str(js))
+  monkeypatch.setattr(tpu_aot, "RESULTS_MD", str(md))
+  # main() sets these for libtpu; monkeypatch puts the old values back.
+  monkeypatch.setenv("PERL_SPLASH_INTERPRET", "1")
+  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  js.write_text(json.dumps({"v5e/1b/rm-lora": _row("rm-lora", 3.0)}))
+
+  def measure(key, args):
+    # Meanwhile another run re-measures rm-lora and saves it.
+    js.write_text(json.dumps({**json.loads(js.read_text()),
+                              "v5e/1b/rm-lora": _row("rm-lora", 2.5)}))
+    return _row(key[2], 4.0)
+  monkeypatch.setattr(tpu_aot, "measure", measure)
+  tpu_aot.main(["--chips=v5e", "--sizes=1b", "--only=rm-full"])
+  on_disk = json.loads(js.read_text())
+  assert on_disk["v5e/1b/rm-lora"]["peak_gib"] == 2.5
+  assert on_disk["v5e/1b/rm-full"]["peak_gib"] == 4.0
+  assert "| rm-full |" in md.read_text()
