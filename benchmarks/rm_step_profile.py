@@ -337,7 +337,7 @@ def _dot_rates_by_overlap(ops, flops, min_flops=1e9):
       continue
     start, end = e["ts"], e["ts"] + e["dur"]
     covered = 0.0
-    for j in range(max(0, i - 64), len(ops)):
+    for j in range(len(ops)):  # sorted by start: stop at the first after the dot
       o = ops[j]
       if o["ts"] >= end:
         break

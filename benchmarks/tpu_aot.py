@@ -62,6 +62,7 @@ SLICES = {
     ("v5p", "7b"): ("v5p:2x2x2", (2, 2, 1)),
 }
 RM_SETUPS = ("rm-lora", "rm-full")
+RM_BATCH_SIZE = 16  # pairs: --rm_batch_size's default, the grid RESULTS.md lists
 # Attention alone: the XLA reference vs the Pallas splash kernel (AOT for TPU).
 RL_SETUPS = ("rl-full-separate", "rl-lora-separate", "rl-lora-hydra")
 DECODE_BATCHES = (1, 16, 64, 256)
@@ -379,10 +380,11 @@ def _save(measured):
   the file as it is now, so a run going on beside this one keeps the rows it
   wrote meanwhile (a copy read at start would put their old values back)."""
   os.makedirs(os.path.dirname(RESULTS_JSON), exist_ok=True)
-  rows = dict(measured)
+  on_disk = {}
   if os.path.exists(RESULTS_JSON):
     with open(RESULTS_JSON) as f:
-      rows = {**json.load(f), **measured}
+      on_disk = json.load(f)
+  rows = {**on_disk, **measured}
   with open(RESULTS_JSON, "w") as f:
     json.dump(rows, f, indent=1, sort_keys=True)
   return rows
@@ -479,7 +481,7 @@ def render(rows: dict) -> str:
         + ("not recorded | " if r.get("hbm_bytes") is None else
            f"{r['hbm_bytes'] / 1e9:,.2f} | ") + f"{_roofline(r)} |")
   grid = row_keys(argparse.Namespace(chips=",".join(CHIPS), sizes="1b,7b", only="",
-                                     rm_batch_size=16))
+                                     rm_batch_size=RM_BATCH_SIZE))
   missing = ["/".join(k) for k in grid if "/".join(k) not in rows]
   if missing:
     lines += ["", "Not measured yet (each row is one `--only=` run away, e.g. "
@@ -489,7 +491,7 @@ def render(rows: dict) -> str:
             "| --- | --- | --- | --- | --- |"]
   for chip in CHIPS:
     for size in ("1b", "7b"):
-      accum = rm_accum_setups(argparse.Namespace(rm_batch_size=16), chip, size)
+      accum = rm_accum_setups(argparse.Namespace(rm_batch_size=RM_BATCH_SIZE), chip, size)
       pairs = [("rm", ("rm-lora",), ("rm-full",)),
                ("rl", ("rl-lora-hydra",), ("rl-full-separate",))]
       if accum:
@@ -555,7 +557,7 @@ def main(argv=None):
   p.add_argument("--only", default="", help="'+'-joined substrings a row key must contain, "
                  "e.g. 'v5e+1b+decode'.")
   p.add_argument("--render", action="store_true", help="Only rewrite RESULTS.md.")
-  p.add_argument("--rm_batch_size", type=int, default=16)
+  p.add_argument("--rm_batch_size", type=int, default=RM_BATCH_SIZE)
   p.add_argument("--rm_seq_len", type=int, default=1024)
   p.add_argument("--rl_batch_size", type=int, default=16)
   p.add_argument("--prompt_length", type=int, default=512)
@@ -582,18 +584,17 @@ def main(argv=None):
           raise
         # A program that does not fit the slice is a measurement too.
         r = does_not_fit_row(key, str(e))
-        measured["/".join(key)] = r
-        print(f"{'/'.join(key):<28} does not fit: {r['error']}", flush=True)
-        rows = _save(measured)
-        continue
       measured["/".join(key)] = r
+      rows = _save(measured)
+      if "error" in r:
+        print(f"{'/'.join(key):<28} does not fit: {r['error']}", flush=True)
+        continue
       cost = ("cost n/a" if _no_cost(r) else
               f"{r['flops'] / 1e9:10,.0f} GFLOP  {r['bytes'] / 1e9:8,.2f} GB")
       cost += (f"  HBM {r['hbm_bytes'] / 1e9:8,.2f} GB" if r["hbm_bytes"] is not None
                else "  HBM n/a") + f"  roofline {_roofline(r)} ms"
       print(f"{'/'.join(key):<28} peak {r['peak_gib']:7.2f} GiB  temp {r['temp_gib']:6.2f}  "
             f"{cost}  ({r['compile_s']:.0f}s)", flush=True)
-      rows = _save(measured)
   # Sections other scripts own (benchmarks/vs_trl.py's "## Peer benchmark")
   # follow the rendered part and are kept as they are.
   kept = ""
