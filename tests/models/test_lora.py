@@ -1,5 +1,7 @@
 """Named LoRA adapters over one frozen base (nnx.LoRA / nnx.LoRAParam)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,3 +166,65 @@ def test_lora_config_validation():
   with pytest.raises(ValueError, match="Unknown LoRA target"):
     model_config.LoRAConfig(targets=("q", "qkv"))
   assert model_config.LoRAConfig(rank=8, alpha=16).scale == 2.0
+
+
+def _lora_dense(out_features=128):
+  layer = lora.LoRADense(
+      64, out_features, name="q", axes=("embed", "heads"),
+      adapters={"policy": model_config.LoRAConfig(rank=8, alpha=16.0, targets=("q",))},
+      rngs=nnx.Rngs(0))
+  layer.lora["policy"].lora_b[...] = 0.1 * jax.random.normal(
+      jax.random.key(1), (8, out_features))
+  return layer
+
+
+def _lora_grad_fn(layer, dy):
+  graph, lora_state, rest = nnx.split(layer, nnx.LoRAParam, ...)
+
+  def loss(lora_state, x):
+    out = nnx.merge(graph, lora_state, rest)(x, adapter="policy")
+    return jnp.sum(jnp.tanh(out.astype(jnp.float32)) * dy)
+
+  return jax.jit(jax.grad(loss, argnums=(0, 1))), lora_state
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lora_delta_gradients_equal_autodiff_of_the_formula(dtype):
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (3, 40, 64)).astype(dtype)
+  a = (0.1 * jax.random.normal(keys[1], (64, 8))).astype(dtype)
+  b = (0.1 * jax.random.normal(keys[2], (8, 96))).astype(dtype)
+  dy = jax.random.normal(keys[3], (3, 40, 96))
+
+  def via(fn):
+    return jax.grad(lambda *p: jnp.sum(fn(*p).astype(jnp.float32) * dy),
+                    argnums=(0, 1, 2))(x, a, b)
+
+  ours = via(lambda x, a, b: lora.lora_delta(x, a, b, 2.0))
+  reference = via(lambda x, a, b: 2.0 * ((x @ a) @ b))
+  tol = 1e-5 if dtype == jnp.float32 else 3e-2
+  for got, want in zip(ours, reference):
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(want, np.float32), rtol=tol, atol=tol)
+
+
+def test_lora_backward_never_transposes_the_output_cotangent():
+  """dB contracts the saved [tokens, r] activations with the [tokens, out]
+  cotangent as it lies; autodiff's backward copied the cotangent to
+  [out, tokens] first (one full-size copy per adapted projection)."""
+  layer = _lora_dense(out_features=128)
+  dy = jax.random.normal(jax.random.key(3), (4, 64, 128))
+  grad_fn, lora_state = _lora_grad_fn(layer, dy)
+  x = jax.random.normal(jax.random.key(2), (4, 64, 64))
+  hlo = grad_fn.lower(lora_state, x).compile().as_text()
+  transposed = [line.strip() for line in hlo.splitlines()
+                if re.search(r"= f32\[128,(256|4,64)\]", line)]
+  assert not transposed, transposed[:3]
+  # And the gradients are the formula's.
+  grads, _ = grad_fn(lora_state, x)
+  a, b = (layer.lora["policy"].lora_a[...], layer.lora["policy"].lora_b[...])
+  want = jax.grad(lambda a, b: jnp.sum(jnp.tanh(
+      x @ layer.kernel[...] + 2.0 * (x @ a) @ b) * dy), argnums=(0, 1))(a, b)
+  np.testing.assert_allclose(grads["lora"]["policy"]["lora_a"][...], want[0], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(grads["lora"]["policy"]["lora_b"][...], want[1], rtol=1e-4, atol=1e-4)
