@@ -114,11 +114,19 @@ def apply_rope(
   if scaling is not None:
     freq = _llama3_scaled_frequencies(freq, scaling)
   angles = positions.astype(jnp.float32)[..., None] * freq  # [B, T, D/2]
-  sin = jnp.sin(angles)[:, :, None, :]
-  cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  # [B, T, 1 (heads), 1 (half), D/2]
+  sin = jnp.sin(angles)[:, :, None, None, :]
+  cos = jnp.cos(angles)[:, :, None, None, :]
+  # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with the halves as an axis
+  # of size 2, flipped for the rotation: no split and concatenate, whose
+  # backward (a concatenate of the halves' cotangents) was a [tokens, H·D]
+  # copy per q and k on XLA:CPU. The signed sine is a small [B, T, 1, 2, D/2]
+  # table; a ±1 multiply on x instead let XLA round the adapter-on and
+  # adapter-off programs differently (a fresh adapter must equal the base).
+  halves = x.astype(jnp.float32).reshape(*x.shape[:-1], 2, head_dim // 2)
+  signed_sin = jnp.concatenate([-sin, sin], axis=-2)
+  out = halves * cos + jnp.flip(halves, axis=-2) * signed_sin
+  return out.reshape(x.shape).astype(x.dtype)
 
 
 def _llama3_scaled_frequencies(freq: jax.Array, s: RopeScaling) -> jax.Array:

@@ -1,5 +1,8 @@
 """Transformer architecture: masks, cache, scan, remat, family switches."""
 
+import math
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +10,7 @@ import pytest
 from flax import nnx
 
 from perl.models import config as model_config
-from perl.models.transformer import KVCache, Transformer
+from perl.models.transformer import KVCache, Transformer, apply_rope
 from tests.models.helpers import forward
 
 
@@ -234,3 +237,25 @@ def test_layer_scan_returns_no_parameters(remat):
   for eqn in scans:
     outs = {tuple(v.aval.shape) for v in eqn.outvars}
     assert not outs & weight_shapes, f"layer scan returns stacked weights: {outs & weight_shapes}"
+
+
+def test_rope_gradient_concatenates_nothing_of_the_input_size():
+  """The rotation keeps the halves as an axis of size 2 (flipped), so its
+  backward is elementwise; the split-and-concatenate form's backward
+  concatenated the halves' cotangents into a full-size copy of q and k."""
+  x = jax.random.normal(jax.random.key(0), (2, 64, 4, 32))
+  positions = jnp.broadcast_to(jnp.arange(64), (2, 64))
+  dy = jax.random.normal(jax.random.key(1), x.shape)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(apply_rope(x, positions, 1e4) * dy)))
+  hlo = grad.lower(x).compile().as_text()
+  sizes = [math.prod(int(d) for d in m.group(1).split(","))
+           for m in re.finditer(r"= f32\[([\d,]+)\]\S* concatenate\(", hlo)]
+  assert all(size < x.size for size in sizes), sizes
+  # The rotation itself: position p turns each (x_i, x_{i+D/2}) pair by p·θ_i.
+  half = x.shape[-1] // 2
+  theta = 1e4 ** (-jnp.arange(0, x.shape[-1], 2) / x.shape[-1])
+  angle = positions[..., None, None] * theta
+  x1, x2 = x[..., :half], x[..., half:]
+  want = jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
+                          x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
+  np.testing.assert_allclose(apply_rope(x, positions, 1e4), want, rtol=1e-5, atol=1e-5)
