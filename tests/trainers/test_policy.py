@@ -68,18 +68,21 @@ def test_rl_raises_the_reward_with_bounded_kl(rl, lr):
   trainer = _trainer(rl, lr=lr)
   before = _eval_reward(trainer)
   kls = []
-  for i in range(15):
+  for i in range(25):
     # A fresh key per step, as loop.fit gives (one fixed key resamples the
     # same rollouts every step: RLOO's gain then hung on that one draw).
     m = trainer.train_step(PROMPTS, jax.random.key(i))
     kls.append(m["kl"])
   after = _eval_reward(trainer)
-  # The random reward model's scores spread about ±0.5; 15 steps must gain
-  # a clear part of that on held-out samples (measured: reinforce 0.16,
-  # rloo 0.11, ppo 0.15).
+  # The random reward model's scores spread about ±0.5; 25 steps must gain
+  # a clear part of that on held-out samples. 15 steps sat on the bar: gains
+  # 0.16 / 0.11 / 0.15 (reinforce / rloo / ppo), then 0.16 / 0.08 / 0.04 once
+  # the LoRA backward's summation order changed (custom VJP), the held-out
+  # gain swinging by 0.2 from step to step. Measured at 25 steps after that
+  # change: 0.167 / 0.340 / 0.406 (at 30: 0.148 / 0.321 / 0.449).
   assert after > before + 0.1, (before, after)
   assert np.isfinite(kls).all() and max(kls) < 20.0
-  assert trainer.step == 15
+  assert trainer.step == 25
   # One compilation of the update step for the whole run.
   assert trainer.num_traces == 1
   for key in ("time_sample", "time_score", "time_logprobs", "time_update", "entropy",
