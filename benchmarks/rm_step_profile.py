@@ -3,8 +3,9 @@ r"""Where the LoRA reward-model step spends its time on CPU, next to PyTorch.
     python benchmarks/rm_step_profile.py                   # peer shape (vs_trl.py)
     python benchmarks/rm_step_profile.py --xla_flags="--xla_cpu_use_xnnpack=true"
 
-Prints, for the step of benchmarks/vs_trl.py (8 pairs x 256 tokens, Llama
-hidden 512, 4 layers, LoRA r=8 on q,k,v,o, fp32):
+Prints, for the step of benchmarks/vs_trl.py (8 pairs x 256 tokens, its
+--shape: peer is Llama hidden 512, 4 layers; small is configs/models/small.gin;
+LoRA r=8 on q,k,v,o, fp32):
   step     the pieces of one train step: host->device copy of the batch
            (arrays, bytes), forward only, forward+backward, the whole step
            (AdamW included), each with its compiled FLOPs and GFLOP/s.
@@ -45,6 +46,8 @@ sys.path.insert(0, ROOT)
 def parse_args(argv=None):
   p = argparse.ArgumentParser(
       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", default="peer", choices=["peer", "small"],
+                 help="Model shape, as in benchmarks/vs_trl.py SHAPES.")
   p.add_argument("--pairs", type=int, default=8)
   p.add_argument("--tokens", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
@@ -79,6 +82,12 @@ def row(name, wall_cpu, flops=None):
         f"{gf} {rate}", flush=True)
 
 
+def _shape(args) -> dict:
+  """LlamaConfig fields of --shape: vs_trl.py's SHAPES, the shapes it times."""
+  from vs_trl import SHAPES  # pylint: disable=import-outside-toplevel
+  return SHAPES[args.shape]
+
+
 def _build_step(args):
   """(trainer, partitioner, reward model, config, numpy batch) of the step."""
   import numpy as np
@@ -88,8 +97,11 @@ def _build_step(args):
   from perl.models.heads import RewardModule
   from perl.trainers import core, reward_model
 
-  cfg = llama3(vocab_size=32000, num_layers=4, embed_dim=512, num_heads=8,
-               num_kv_heads=8, head_dim=64, mlp_dim=1408, rope_theta=10000.0)
+  hf = _shape(args)
+  cfg = llama3(vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"],
+               embed_dim=hf["hidden_size"], num_heads=hf["num_attention_heads"],
+               num_kv_heads=hf["num_key_value_heads"], head_dim=hf["head_dim"],
+               mlp_dim=hf["intermediate_size"], rope_theta=10000.0)
   part = partitioning.Partitioner("data=-1")
   module = part.create_sharded_model(lambda: RewardModule(
       cfg, adapters={"reward": LoRAConfig(rank=8)}, rngs=nnx.Rngs(0)))
@@ -102,7 +114,7 @@ def _build_step(args):
   rng = np.random.default_rng(0)
   batch = {}
   for side in ("chosen", "rejected"):
-    batch[f"{side}_tokens"] = rng.integers(3, 32000, (b, t), dtype=np.int32)
+    batch[f"{side}_tokens"] = rng.integers(3, cfg.vocab_size, (b, t), dtype=np.int32)
     batch[f"{side}_segment_ids"] = np.ones((b, t), np.int32)
     batch[f"{side}_positions"] = np.broadcast_to(
         np.arange(t, dtype=np.int32), (b, t)).copy()
@@ -270,9 +282,7 @@ def dots_part(args):
     return
   torch.manual_seed(0)
   cfg = transformers.LlamaConfig(
-      vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
-      num_attention_heads=8, num_key_value_heads=8, head_dim=64, num_labels=1,
-      pad_token_id=0, attn_implementation="sdpa")
+      **_shape(args), num_labels=1, pad_token_id=0, attn_implementation="sdpa")
   model = peft.get_peft_model(
       transformers.LlamaForSequenceClassification(cfg),
       peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.0,
@@ -421,7 +431,8 @@ def executor_part(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  rows, d, mlp = 2 * args.pairs * args.tokens, 512, 1408
+  hf = _shape(args)
+  rows, d, mlp = 2 * args.pairs * args.tokens, hf["hidden_size"], hf["intermediate_size"]
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((rows, d), np.float32))
   wg, wu = (jnp.asarray(rng.standard_normal((d, mlp), np.float32) * 0.05) for _ in "gu")
@@ -448,7 +459,10 @@ def kernels_part(args):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  rows, d, qkv, mlp, h, hd = 2 * args.pairs * args.tokens, 512, 512, 1408, 8, 64
+  hf = _shape(args)
+  rows, d, mlp = 2 * args.pairs * args.tokens, hf["hidden_size"], hf["intermediate_size"]
+  h, hd = hf["num_attention_heads"], hf["head_dim"]
+  qkv = h * hd
   print(f"kernels: {rows} token rows, d={d}; fp32")
   shapes = [("x@W q/k/v/o  [%d,%d]x[%d,%d]" % (rows, d, d, qkv), (rows, d, qkv)),
             ("x@W gate/up  [%d,%d]x[%d,%d]" % (rows, d, d, mlp), (rows, d, mlp)),

@@ -36,6 +36,23 @@ def gather_last(hidden: jax.Array, segment_ids: jax.Array) -> jax.Array:
   return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
 
 
+def last_hidden(backbone: Transformer, tokens: jax.Array, *,
+                positions: jax.Array | None, segment_ids: jax.Array,
+                adapter: str | None, dropout_rng: jax.Array | None = None
+                ) -> jax.Array:
+  """[B, D] final hidden state at each row's last real token.
+
+  The backbone computes its last layer at that token only
+  (Transformer.hidden_states' output_index): a sequence score reads nothing
+  else.
+  """
+  hidden, _ = backbone.hidden_states(
+      tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
+      dropout_rng=dropout_rng,
+      output_index=last_token_index(segment_ids)[:, None])
+  return hidden[:, 0]
+
+
 def packed_pair_scores(scores: jax.Array, segment_ids: jax.Array
                        ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Per-pair (chosen, rejected, mask) [B, L/2] from packed rows.
@@ -99,10 +116,9 @@ class RewardModule(nnx.Module):
     """[B] float32 scores of right-padded sequences."""
     if segment_ids is None:
       segment_ids = jnp.ones(tokens.shape, jnp.int32)
-    hidden, _ = self.backbone.hidden_states(
-        tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
-        dropout_rng=dropout_rng)
-    return self.head(gather_last(hidden, segment_ids))
+    return self.head(last_hidden(self.backbone, tokens, positions=positions,
+                                 segment_ids=segment_ids, adapter=adapter,
+                                 dropout_rng=dropout_rng))
 
   def token_scores(
       self,

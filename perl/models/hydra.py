@@ -22,7 +22,7 @@ from flax import nnx
 
 from perl import logprobs as logprobs_lib
 from perl.models.config import LoRAConfig, TransformerConfig
-from perl.models.heads import ScalarHead, gather_last
+from perl.models.heads import ScalarHead, last_hidden
 from perl.models.transformer import Transformer
 
 POLICY = "policy"
@@ -116,9 +116,8 @@ class HydraModule(nnx.Module):
       raise ValueError(
           "This HydraModule carries no reward adapter: give it reward_lora, or "
           "score with a separate RewardModule.")
-    hidden, _ = self.backbone.hidden_states(
-        tokens, positions=positions, segment_ids=segment_ids, adapter=REWARD)
-    return self.reward_head(gather_last(hidden, segment_ids))
+    return self.reward_head(last_hidden(self.backbone, tokens, positions=positions,
+                                        segment_ids=segment_ids, adapter=REWARD))
 
 
 def sequence_positions(segment_ids: jax.Array) -> jax.Array:

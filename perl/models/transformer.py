@@ -142,6 +142,12 @@ def _llama3_scaled_frequencies(freq: jax.Array, s: RopeScaling) -> jax.Array:
   return jnp.where(medium, smoothed, scaled)
 
 
+def take_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+  """x [B, T, ...] at index [B, Q] along T -> [B, Q, ...]."""
+  index = index.reshape(index.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
@@ -172,14 +178,22 @@ class Attention(nnx.Module):
       kv: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
       adapter: str | None, rng: jax.Array | None,
       segment_ids: jax.Array | None = None, full_sequence: bool = False,
+      query_index: jax.Array | None = None,
   ):
+    """query_index: [B, Q] positions: queries (and the output) there only;
+    keys and values still cover every position of x."""
     c = self.config
     b, t, _ = x.shape
     rngs = [None] * 4 if rng is None else list(jax.random.split(rng, 4))
-    q = self.q(x, adapter=adapter, dropout_rng=rngs[0]).reshape(b, t, c.num_heads, c.head_dim)
+    xq, q_positions = x, positions
+    if query_index is not None:
+      xq, q_positions = take_rows(x, query_index), take_rows(positions, query_index)
+      mask, full_sequence = take_rows(mask, query_index), False
+    tq = xq.shape[1]
+    q = self.q(xq, adapter=adapter, dropout_rng=rngs[0]).reshape(b, tq, c.num_heads, c.head_dim)
     k = self.k(x, adapter=adapter, dropout_rng=rngs[1]).reshape(b, t, c.num_kv_heads, c.head_dim)
     v = self.v(x, adapter=adapter, dropout_rng=rngs[2]).reshape(b, t, c.num_kv_heads, c.head_dim)
-    q = constrain(apply_rope(q, positions, c.rope_theta, c.rope_scaling),
+    q = constrain(apply_rope(q, q_positions, c.rope_theta, c.rope_scaling),
                   ("batch", "length", "heads", "kv"))
     k = constrain(apply_rope(k, positions, c.rope_theta, c.rope_scaling),
                   ("batch", "length", "kv_heads", "kv"))
@@ -208,7 +222,7 @@ class Attention(nnx.Module):
         softcap=c.attn_logit_softcap, impl=c.attention_impl,
         full_sequence=full_sequence)
     out = constrain(out, ("batch", "length", "heads", "kv"))
-    out = self.o(out.reshape(b, t, c.num_heads * c.head_dim), adapter=adapter,
+    out = self.o(out.reshape(b, tq, c.num_heads * c.head_dim), adapter=adapter,
                  dropout_rng=rngs[3])
     return out, new_kv
 
@@ -259,7 +273,9 @@ class Block(nnx.Module):
       self.post_mlp_norm = RMSNorm(c.embed_dim, c, rngs=rngs)
 
   def __call__(self, x, *, positions, mask, window_ok, kv, cache_index,
-               adapter, rng, segment_ids=None, full_sequence=False):
+               adapter, rng, segment_ids=None, full_sequence=False,
+               query_index=None):
+    """query_index: [B, Q] positions: the output there only, [B, Q, D]."""
     attn_rng = mlp_rng = None
     if rng is not None:
       attn_rng, mlp_rng = jax.random.split(rng)
@@ -268,9 +284,12 @@ class Block(nnx.Module):
         self.pre_attn_norm(x), positions=positions, mask=mask, kv=kv,
         cache_index=cache_index, adapter=adapter, rng=attn_rng,
         segment_ids=segment_ids, full_sequence=full_sequence,
+        query_index=query_index,
     )
     if self.post_norms:
       h = self.post_attn_norm(h)
+    if query_index is not None:
+      x = take_rows(x, query_index)
     x = x + h
     h = self.mlp(self.pre_mlp_norm(x), adapter=adapter, rng=mlp_rng)
     if self.post_norms:
@@ -394,6 +413,7 @@ class Transformer(nnx.Module):
       cache: KVCache | None = None,
       adapter: str | None = None,
       dropout_rng: jax.Array | None = None,
+      output_index: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
     """Final-norm hidden states [batch, length, embed] and the updated cache.
 
@@ -402,6 +422,11 @@ class Transformer(nnx.Module):
     packed sequences (default all ones). cache: KV buffers to read and write
     at cache.index. adapter: name of the LoRA adapter to apply, None for the
     bare base. dropout_rng: enables LoRA dropout (training only).
+    output_index: [B, Q] positions whose hidden states are wanted (a reward
+    model's last tokens): returns [B, Q, embed]. The last layer then runs
+    its queries, attention output and MLP at those Q positions only (its
+    keys and values still span the sequence): nothing reads the rest, and
+    at 4 layers that skips a fifth of a reward-model step's work.
     """
     c = self.config
     if adapter is not None and adapter not in self.adapter_names:
@@ -409,6 +434,8 @@ class Transformer(nnx.Module):
           f"Unknown adapter {adapter!r}; this model has {self.adapter_names} "
           "(or None for the base model)."
       )
+    if output_index is not None and cache is not None:
+      raise ValueError("output_index is for full-sequence forwards: pass cache=None.")
     b, t = tokens.shape
     if segment_ids is None:
       segment_ids = jnp.ones((b, t), jnp.int32)
@@ -444,16 +471,19 @@ class Transformer(nnx.Module):
     full_sequence = cache is None and c.sliding_window is None
     block_fn = _block_call(c, adapter, segment_ids, full_sequence)
     kv = None if cache is None else (cache.k, cache.v)
+    # With output_index the last layer runs apart, at those positions only.
+    scanned = c.num_layers - (output_index is not None)
+    window_ok_at = lambda i: ((slot_distance < windows[i]) if windows[i]
+                              else jnp.ones_like(slot_distance, bool))
+    layer_rng_at = lambda i: (None if dropout_rng is None
+                              else jax.random.fold_in(dropout_rng, i))
     if c.scan_layers:
-      window_ok = jnp.stack([
-          (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
-          for w in windows
-      ])
+      window_ok = jnp.stack([window_ok_at(i) for i in range(scanned)])
       layer_rngs = (
           None if dropout_rng is None
-          else jax.random.split(dropout_rng, c.num_layers)
+          else jax.random.split(dropout_rng, c.num_layers)[:scanned]
       )
-      layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+      layer_ids = jnp.arange(scanned, dtype=jnp.int32)
 
       # A plain lax.scan over the stacked block state, not nnx.scan: nnx.scan
       # over nnx.remat returns the blocks' (unchanged) parameters as stacked
@@ -465,24 +495,41 @@ class Transformer(nnx.Module):
       # The cache rides in the carry (not the scanned xs): each layer updates
       # its own slot of the full buffer in place.
       block_def, block_state = nnx.split(self.blocks)
+      if scanned < c.num_layers:
+        # Each layer's state is read in the loop as scan reads its xs (a
+        # dynamic slice), not sliced to the first layers first: that slice
+        # would copy every layer's weights.
+        layer_state_at = lambda i: jax.tree.map(
+            lambda s: jax.lax.dynamic_index_in_dim(s, i, 0, keepdims=False),
+            block_state)
+        layer_states = None
+      else:
+        layer_state_at, layer_states = None, block_state
 
       def run_layer(carry, xs):
         layer_state, window_ok, layer_rng, layer = xs
+        if layer_state is None:
+          layer_state = layer_state_at(layer)
         x, kv = carry
         layer_kv = None if kv is None else (*kv, layer)
         return block_fn(nnx.merge(block_def, layer_state), x, positions, mask,
                         window_ok, layer_kv, cache_index, layer_rng), None
 
       (x, kv), _ = jax.lax.scan(
-          run_layer, (x, kv), (block_state, window_ok, layer_rngs, layer_ids))
+          run_layer, (x, kv), (layer_states, window_ok, layer_rngs, layer_ids))
+      if scanned < c.num_layers:
+        last = jax.tree.map(lambda s: s[-1], block_state)
+        last_rng = None if dropout_rng is None else jax.random.split(
+            dropout_rng, c.num_layers)[-1]
+        x, _ = block_fn(nnx.merge(block_def, last), x, positions, mask,
+                        window_ok_at(c.num_layers - 1), None, None, last_rng,
+                        output_index)
     else:
       for i, block in enumerate(self.blocks):
-        w = windows[i]
-        window_ok = (slot_distance < w) if w else jnp.ones_like(slot_distance, bool)
         layer_kv = None if kv is None else (*kv, i)
-        layer_rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-        x, kv = block_fn(block, x, positions, mask, window_ok, layer_kv,
-                         cache_index, layer_rng)
+        x, kv = block_fn(block, x, positions, mask, window_ok_at(i), layer_kv,
+                         cache_index, layer_rng_at(i),
+                         output_index if i >= scanned else None)
 
     hidden = self.final_norm(x)
     if cache is not None:
@@ -496,10 +543,12 @@ def _block_call(config: TransformerConfig, adapter: str | None,
                 segment_ids: jax.Array, full_sequence: bool):
   """block(x, ...) with the configured rematerialisation applied."""
 
-  def call(block, x, positions, mask, window_ok, kv, cache_index, rng):
+  def call(block, x, positions, mask, window_ok, kv, cache_index, rng,
+           query_index=None):
     return block(x, positions=positions, mask=mask, window_ok=window_ok, kv=kv,
                  cache_index=cache_index, adapter=adapter, rng=rng,
-                 segment_ids=segment_ids, full_sequence=full_sequence)
+                 segment_ids=segment_ids, full_sequence=full_sequence,
+                 query_index=query_index)
 
   if config.remat_policy == "none":
     return call

@@ -259,3 +259,54 @@ def test_rope_gradient_concatenates_nothing_of_the_input_size():
   want = jnp.concatenate([x1 * jnp.cos(angle) - x2 * jnp.sin(angle),
                           x2 * jnp.cos(angle) + x1 * jnp.sin(angle)], -1)
   np.testing.assert_allclose(apply_rope(x, positions, 1e4), want, rtol=1e-5, atol=1e-5)
+
+
+ROWS_SEGMENTS = [[1] * 12, [1] * 7 + [0] * 5, [1] * 4 + [2] * 6 + [0] * 2]
+ROWS_INDEX = [[11, 3], [6, 0], [3, 9]]  # last tokens, and others (padding: 0)
+
+
+@pytest.mark.parametrize("family,scan,dtype", [
+    ("llama3", False, "float32"), ("llama3", True, "float32"),
+    ("gemma2", False, "float32"), ("gemma2", True, "float32"),
+    ("llama3", False, "bfloat16")])
+def test_output_index_matches_the_full_forward_at_those_positions(family, scan, dtype):
+  # A reward model's forward: the last layer runs at the scored positions only.
+  dtype = jnp.dtype(dtype)
+  cfg = FAMILIES[family](**{**TINY, "num_layers": 3}, scan_layers=scan,
+                         param_dtype=dtype, dtype=dtype)
+  model = Transformer(cfg, adapters={"r": model_config.LoRAConfig(rank=4)},
+                      rngs=nnx.Rngs(0))
+  tokens = _tokens(3, 12)
+  segments = jnp.array(ROWS_SEGMENTS)
+  index = jnp.array(ROWS_INDEX)
+
+  def hidden(m, pruned):
+    if pruned:
+      return m.hidden_states(tokens, segment_ids=segments, adapter="r",
+                             output_index=index)[0]
+    full, _ = m.hidden_states(tokens, segment_ids=segments, adapter="r")
+    return jnp.take_along_axis(full, index[..., None], axis=1)
+
+  loss = lambda m, pruned: jnp.sum(jnp.sin(hidden(m, pruned).astype(jnp.float32)))
+  grads = nnx.jit(nnx.grad(loss), static_argnums=1)
+  tol = dict(atol=3e-2, rtol=3e-2) if dtype == jnp.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+  got = nnx.jit(hidden, static_argnums=1)(model, True)
+  assert got.shape == (3, 2, cfg.embed_dim)
+  np.testing.assert_allclose(np.asarray(got, np.float32),
+                             np.asarray(nnx.jit(hidden, static_argnums=1)(model, False),
+                                        np.float32), **tol)
+  pruned, full = nnx.state(grads(model, True)), nnx.state(grads(model, False))
+  for (path, g1), (_, g0) in zip(jax.tree.leaves_with_path(pruned),
+                                 jax.tree.leaves_with_path(full)):
+    g0, g1 = np.asarray(g0, np.float32), np.asarray(g1, np.float32)
+    scale = max(float(np.abs(g0).max()), 1e-6)
+    np.testing.assert_allclose(g1 / scale, g0 / scale, atol=tol["atol"],
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_output_index_with_a_cache_is_refused():
+  cfg = model_config.tiny()
+  model = Transformer(cfg, rngs=nnx.Rngs(0))
+  cache = KVCache.init(cfg, batch_size=1, max_length=8)
+  with pytest.raises(ValueError, match="output_index.*cache=None"):
+    model.hidden_states(_tokens(1, 4), cache=cache, output_index=jnp.zeros((1, 1), jnp.int32))

@@ -5,7 +5,10 @@ FLOPs come from XLA's `cost_analysis()` of the compiled train step on the
 8-device test mesh (per device). With a frozen base, backprop needs only the
 activation gradients (2N per token, N = base matmul parameters) on top of the
 forward (2N), so a LoRA step costs 4N per token plus attention; computing the
-base's weight gradients would add another 2N. Layers are unrolled
+base's weight gradients would add another 2N. A sequence's score reads one
+token of the last layer, so that layer needs its keys and values at every
+token and the rest (queries, attention, o, MLP) at the scored token only.
+Layers are unrolled
 (scan_layers=False) and attention is XLA's dense kernel: XLA's cost analysis
 counts a while-loop body once, and the CPU's blocked kernel loops over rows.
 """
@@ -42,9 +45,31 @@ def _matmul_params(c) -> int:
   return c.num_layers * (attn + 3 * c.embed_dim * c.mlp_dim)
 
 
-def _attention_forward_per_token(c, length: int) -> int:
-  """q·kᵀ and p·v over every key (XLA computes the masked half too)."""
-  return c.num_layers * 2 * 2 * length * c.num_heads * c.head_dim
+def _kv_params(c) -> int:
+  """Parameters of one layer's k and v projections."""
+  return 2 * c.embed_dim * c.num_kv_heads * c.head_dim
+
+
+def _attention_forward_per_query(c, length: int) -> int:
+  """One layer's q·kᵀ and p·v over every key (XLA computes the masked half too)."""
+  return 2 * 2 * length * c.num_heads * c.head_dim
+
+
+def _param_tokens(c, length: int) -> int:
+  """Σ over matmuls of parameters × tokens it runs on, per scored sequence:
+  every layer at every token, but the last layer's queries, o and MLP at
+  the scored (last) token only."""
+  layer = _matmul_params(c) // c.num_layers
+  return ((c.num_layers - 1) * length * layer + length * _kv_params(c)
+          + layer - _kv_params(c))
+
+
+def _frozen_base_bound(c, length: int, passes: tuple[int, int]) -> float:
+  """FLOPs per scored sequence of a frozen-base step."""
+  matmul_x, attn_x = passes
+  queries = (c.num_layers - 1) * length + 1
+  return (matmul_x * _param_tokens(c, length)
+          + attn_x * queries * _attention_forward_per_query(c, length))
 
 
 def _step_flops(cfg, finetune: str) -> tuple[float, int]:
@@ -79,19 +104,24 @@ def _step_flops(cfg, finetune: str) -> tuple[float, int]:
 ])
 def test_lora_step_flops_within_10_percent_of_frozen_base_bound(remat, passes):
   cfg = dataclasses.replace(CFG, remat_policy=remat)
-  tokens = 2 * PAIRS * LENGTH  # chosen and rejected
+  sequences = 2 * PAIRS  # chosen and rejected
+  tokens = sequences * LENGTH
   matmul_x, attn_x = passes
-  bound = tokens * (matmul_x * _matmul_params(cfg)
-                    + attn_x * _attention_forward_per_token(cfg, LENGTH))
+  bound = sequences * _frozen_base_bound(cfg, LENGTH, passes)
+  every_token = tokens * (matmul_x * _matmul_params(cfg) + attn_x * cfg.num_layers
+                          * _attention_forward_per_query(cfg, LENGTH))
   lora, devices = _step_flops(cfg, "lora")
   ratio = lora * devices / bound
   print(f"remat={remat}: LoRA step {lora * devices:.4g} FLOPs = {ratio:.3f} x "
-        f"the frozen-base bound {bound:.4g}")
+        f"the frozen-base bound {bound:.4g} ({every_token:.4g} with the last "
+        "layer at every token)")
   assert abs(ratio - 1.0) <= 0.10, ratio
+  # The bound is tight enough to tell a last layer run at every token.
+  assert bound * 1.1 < every_token
   # The measure tells a step that also computes the base's weight gradients
   # (+2N per token): full fine-tuning is far above the frozen-base bound.
   full, _ = _step_flops(cfg, "full")
-  weight_grads = tokens * 2 * _matmul_params(cfg)
+  weight_grads = sequences * 2 * _param_tokens(cfg, LENGTH)
   print(f"  full fine-tuning {full * devices / bound:.3f} x the bound")
   assert full * devices >= bound + 0.8 * weight_grads
 
