@@ -16,6 +16,9 @@ perl/TRL/perl/... so a load spike hits both sides; each process times
           AdamW. TRL: RewardTrainer (PEFT model, pre-tokenised pairs; step
           time from its callbacks) and a plain PEFT loop (same forward,
           loss and optimizer, no Trainer).
+          perl runs the last layer at the scored token only
+          (Transformer.hidden_states' output_index); HF's
+          LlamaForSequenceClassification runs it at every token.
   sample  ROLL prompts x (PROMPT + NEW) tokens at T=0.7: perl decoding.generate
           under jit vs transformers generate(do_sample=True); new tokens/s.
   grpo    one GRPO iteration, 8 prompts x 2 samples, (PROMPT + NEW) tokens:
