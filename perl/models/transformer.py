@@ -481,7 +481,7 @@ class Transformer(nnx.Module):
       window_ok = jnp.stack([window_ok_at(i) for i in range(scanned)])
       layer_rngs = (
           None if dropout_rng is None
-          else jax.random.split(dropout_rng, c.num_layers)[:scanned]
+          else jax.random.split(dropout_rng, c.num_layers)
       )
       layer_ids = jnp.arange(scanned, dtype=jnp.int32)
 
@@ -491,38 +491,32 @@ class Transformer(nnx.Module):
       # layer's weights back to HBM each token (a dynamic-update-slice of the
       # slice just read: 1B at batch 64, 1.65 GB per token per chip instead
       # of 1.17). The blocks change no state, so their parameters go in as
-      # scanned inputs and only the carry comes back.
+      # loop inputs and only the carry comes back.
       # The cache rides in the carry (not the scanned xs): each layer updates
       # its own slot of the full buffer in place.
       block_def, block_state = nnx.split(self.blocks)
-      if scanned < c.num_layers:
-        # Each layer's state is read in the loop as scan reads its xs (a
-        # dynamic slice), not sliced to the first layers first: that slice
-        # would copy every layer's weights.
-        layer_state_at = lambda i: jax.tree.map(
-            lambda s: jax.lax.dynamic_index_in_dim(s, i, 0, keepdims=False),
-            block_state)
-        layer_states = None
-      else:
-        layer_state_at, layer_states = None, block_state
+      # Each layer's state is read in the loop by a dynamic index, as scan
+      # reads its xs: slicing the stack to the first layers (output_index)
+      # would copy every layer's weights.
+      layer_at = lambda i: nnx.merge(block_def, jax.tree.map(
+          lambda s: jax.lax.dynamic_index_in_dim(s, i, 0, keepdims=False),
+          block_state))
 
       def run_layer(carry, xs):
-        layer_state, window_ok, layer_rng, layer = xs
-        if layer_state is None:
-          layer_state = layer_state_at(layer)
+        window_ok, layer_rng, layer = xs
         x, kv = carry
         layer_kv = None if kv is None else (*kv, layer)
-        return block_fn(nnx.merge(block_def, layer_state), x, positions, mask,
-                        window_ok, layer_kv, cache_index, layer_rng), None
+        return block_fn(layer_at(layer), x, positions, mask, window_ok,
+                        layer_kv, cache_index, layer_rng), None
 
       (x, kv), _ = jax.lax.scan(
-          run_layer, (x, kv), (layer_states, window_ok, layer_rngs, layer_ids))
+          run_layer, (x, kv),
+          (window_ok, None if layer_rngs is None else layer_rngs[:scanned],
+           layer_ids))
       if scanned < c.num_layers:
-        last = jax.tree.map(lambda s: s[-1], block_state)
-        last_rng = None if dropout_rng is None else jax.random.split(
-            dropout_rng, c.num_layers)[-1]
-        x, _ = block_fn(nnx.merge(block_def, last), x, positions, mask,
-                        window_ok_at(c.num_layers - 1), None, None, last_rng,
+        last = c.num_layers - 1
+        x, _ = block_fn(layer_at(last), x, positions, mask, window_ok_at(last),
+                        None, None, None if layer_rngs is None else layer_rngs[last],
                         output_index)
     else:
       for i, block in enumerate(self.blocks):
