@@ -10,12 +10,14 @@ Task features in (all int32 token ids, 1-D, unpadded; responses end in EOS):
   preference: prompt, chosen, rejected
   pointwise:  prompt, response, label (float)
   prompts:    prompt
-  sft:        inputs, targets  (delegates to seqio.DecoderFeatureConverter)
+  sft:        inputs, targets
 
 Model features out (per example; the pipeline batches them):
   preference: {chosen,rejected}_{tokens,segment_ids,positions,response_mask} [L]
   pointwise:  tokens, segment_ids, positions, response_mask [L]; label float32
   prompts:    prompt_tokens, prompt_mask [P], left-padded
+  sft:        decoder_{target,input}_tokens, decoder_loss_weights,
+              decoder_causal_attention, decoder_{segment_ids,positions} [I + T]
   with L = feature_lengths["prompt"] + feature_lengths["response"].
 """
 from __future__ import annotations
@@ -25,7 +27,6 @@ import functools
 from typing import Dict, Mapping
 
 import numpy as np
-import seqio
 import tensorflow as tf
 
 LEFT = "left"
@@ -298,39 +299,102 @@ class PromptFeatureConverter(_Converter):
 
 
 class SftFeatureConverter:
-  """inputs/targets -> seqio.DecoderFeatureConverter (prefix LM, packed).
+  """inputs/targets -> prefix-LM decoder features, packed by default.
 
-  Over-long inputs are first cut on the left (like prompts) and targets on the
-  right keeping EOS, so SeqIO's length check never fires. Loss on targets only.
-  Output keys: decoder_target_tokens, decoder_input_tokens,
-  decoder_loss_weights, decoder_causal_attention, and with packing
-  decoder_segment_ids, decoder_positions.
+  Over-long inputs are cut on the left (like prompts) and targets on the
+  right keeping EOS. Each example is [inputs | targets]; loss on targets only.
+  Output keys (SeqIO's `DecoderFeatureConverter` names and values):
+  decoder_target_tokens, decoder_input_tokens (targets shifted right within
+  each sequence, 0 first), decoder_loss_weights, decoder_causal_attention
+  (inputs plus one position), and with packing decoder_segment_ids,
+  decoder_positions. Packing is greedy and in order within chunks of
+  `inputs + targets` examples, as SeqIO packs. Sequence extents come from
+  lengths, never from token values, so token id 0 (a real token in Llama 3
+  and Qwen) is kept, learned and attended like any other.
   """
+
+  KEYS = ("decoder_target_tokens", "decoder_input_tokens",
+          "decoder_loss_weights", "decoder_causal_attention",
+          "decoder_segment_ids", "decoder_positions")
 
   def __init__(self, *, pack: bool = True,
                truncation: TruncationConfig = TruncationConfig(),
                with_stats: bool = False):
-    del with_stats  # SeqIO's converter drops unknown keys; nothing to report.
+    del with_stats  # Nothing to report yet: the cut is counted nowhere.
+    self.pack = pack
     self.truncation = truncation
-    self.inner = seqio.DecoderFeatureConverter(pack=pack,
-                                               loss_on_targets_only=True)
 
   def get_model_feature_lengths(self, task_feature_lengths):
-    return self.inner.get_model_feature_lengths(task_feature_lengths)
+    total = task_feature_lengths["inputs"] + task_feature_lengths["targets"]
+    return {k: total for k in self.KEYS[:6 if self.pack else 4]}
 
   def __call__(self, ds, task_feature_lengths):
     _check_lengths(task_feature_lengths, ("inputs", "targets"))
     i, t = task_feature_lengths["inputs"], task_feature_lengths["targets"]
+    row = i + t
+    keys = self.KEYS[:6 if self.pack else 4]
 
     def cut(ex):
-      ex = dict(ex)
-      ex["inputs"] = truncate(ex["inputs"], i, self.truncation.prompt_side)
-      ex["targets"] = truncate(ex["targets"], t, self.truncation.response_side,
-                               keep_last=self.truncation.keep_response_eos)
-      return ex
+      inputs = truncate(ex["inputs"], i, self.truncation.prompt_side)
+      targets = truncate(ex["targets"], t, self.truncation.response_side,
+                         keep_last=self.truncation.keep_response_eos)
+      return {"tokens": tf.cast(tf.concat([inputs, targets], 0), tf.int32),
+              "n_inputs": tf.size(inputs, out_type=tf.int32)}
 
-    return self.inner(ds.map(cut, num_parallel_calls=tf.data.AUTOTUNE),
-                      task_feature_lengths)
+    def pack_chunk(chunk):
+      outs = tf.numpy_function(
+          functools.partial(_pack_sft, row=row, pack=self.pack),
+          [chunk["tokens"].row_lengths(), chunk["tokens"].flat_values,
+           chunk["n_inputs"]],
+          Tout=[tf.int32] * 6, stateful=False)
+      for o in outs:
+        o.set_shape([None, row])
+      return dict(zip(keys, outs))
+
+    # SeqIO packs padded batches of as many examples as a row has tokens;
+    # chunking the same way gives the same rows.
+    return (ds.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+            .ragged_batch(row)
+            .map(pack_chunk, num_parallel_calls=tf.data.AUTOTUNE)
+            .unbatch())
+
+
+def _pack_sft(lengths, tokens, n_inputs, *, row, pack):
+  """[inputs | targets] sequences -> the six decoder features (numpy).
+
+  Rows hold whole sequences, filled greedily in order (one per row without
+  `pack`). Sequence k of a row has segment id k + 1; empty sequences take no
+  id, as in SeqIO.
+  """
+  starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+  rows, current, used = [], [], 0
+  for s, n in enumerate(lengths):
+    if current and (not pack or used + n > row):
+      rows.append(current)
+      current, used = [], 0
+    current.append(s)
+    used += n
+  if current:
+    rows.append(current)
+  target, inp, weight, causal, segment, position = np.zeros(
+      (6, len(rows), row), np.int32)
+  for r, members in enumerate(rows):
+    at, seg = 0, 0
+    for s in members:
+      n = int(lengths[s])
+      if n == 0:
+        continue
+      seg += 1
+      span = slice(at, at + n)
+      pos = np.arange(n, dtype=np.int32)
+      target[r, span] = tokens[starts[s]:starts[s + 1]]
+      inp[r, at + 1:at + n] = tokens[starts[s]:starts[s + 1] - 1]
+      weight[r, span] = pos >= n_inputs[s]
+      causal[r, span] = pos < n_inputs[s] + 1
+      segment[r, span] = seg
+      position[r, span] = pos
+      at += n
+  return target, inp, weight, causal, segment, position
 
 
 # Which converter serves which task kind (kind = task metadata, see tasks/).

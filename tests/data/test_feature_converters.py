@@ -65,8 +65,68 @@ def test_missing_length_key_is_a_clear_error():
     fc.PreferenceFeatureConverter()(_ds(prompt=[1]), {"prompt": 4})
 
 
-def test_sft_uses_seqio_prefix_lm_with_left_cut_inputs():
+def test_sft_unpacked_with_left_cut_inputs():
   ds = _ds(inputs=[3, 4, 5, 6], targets=[7, 8, 1])
   ex = _one(fc.SftFeatureConverter(pack=False)(ds, {"inputs": 2, "targets": 2}))
   np.testing.assert_array_equal(ex["decoder_target_tokens"], [5, 6, 7, 1])
   np.testing.assert_array_equal(ex["decoder_loss_weights"], [0, 0, 1, 1])
+  np.testing.assert_array_equal(ex["decoder_input_tokens"], [0, 5, 6, 7])
+  np.testing.assert_array_equal(ex["decoder_causal_attention"], [1, 1, 1, 0])
+  assert "decoder_segment_ids" not in ex
+
+
+def _seqio_sft(ds, lengths):
+  """SeqIO's packed prefix-LM conversion after the same cut: the reference
+  wherever token id 0 is padding."""
+  import seqio
+
+  i, t = lengths["inputs"], lengths["targets"]
+  cut = ds.map(lambda ex: {
+      "inputs": fc.truncate(ex["inputs"], i, fc.LEFT),
+      "targets": fc.truncate(ex["targets"], t, fc.RIGHT, keep_last=True)})
+  return seqio.DecoderFeatureConverter(pack=True, loss_on_targets_only=True)(
+      cut, lengths)
+
+
+def test_sft_packing_equals_seqio_on_the_synthetic_task():
+  from perl.data import pipeline
+
+  source = pipeline.get_task("synthetic_sft").get_dataset(
+      sequence_length=None, split="train", shuffle=False, use_cached=False)
+  # Short lengths so that both cuts fire; 300 examples span several chunks.
+  source = source.take(300)
+  most_segments = []
+  for lengths in ({"inputs": 48, "targets": 32}, {"inputs": 20, "targets": 6}):
+    ours = list(fc.SftFeatureConverter()(source, lengths).as_numpy_iterator())
+    ref = list(_seqio_sft(source, lengths).as_numpy_iterator())
+    assert len(ours) == len(ref) > 1
+    for a, b in zip(ours, ref):
+      assert sorted(a) == sorted(b)
+      for key in b:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    most_segments.append(max(ex["decoder_segment_ids"].max() for ex in ours))
+  assert most_segments[0] > 1  # rows hold several examples
+
+
+def test_sft_packing_keeps_token_id_zero():
+  # Id 0 is a real token (Llama 3 "!", Qwen "!"): it is a target, is learned
+  # and shares its sequence's segment, wherever it sits.
+  def gen():
+    yield {"inputs": [5, 0, 7], "targets": [0, 9, 1]}
+    yield {"inputs": [0, 4], "targets": [6, 0]}
+  signature = {k: tf.TensorSpec([None], tf.int32) for k in ("inputs", "targets")}
+  ds = tf.data.Dataset.from_generator(gen, output_signature=signature)
+  (ex,) = list(fc.SftFeatureConverter()(ds, {"inputs": 5, "targets": 5})
+               .as_numpy_iterator())
+  np.testing.assert_array_equal(ex["decoder_target_tokens"],
+                                [5, 0, 7, 0, 9, 1, 0, 4, 6, 0])
+  np.testing.assert_array_equal(ex["decoder_input_tokens"],
+                                [0, 5, 0, 7, 0, 9, 0, 0, 4, 6])
+  np.testing.assert_array_equal(ex["decoder_loss_weights"],
+                                [0, 0, 0, 1, 1, 1, 0, 0, 1, 1])
+  np.testing.assert_array_equal(ex["decoder_segment_ids"],
+                                [1, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+  np.testing.assert_array_equal(ex["decoder_positions"],
+                                [0, 1, 2, 3, 4, 5, 0, 1, 2, 3])
+  np.testing.assert_array_equal(ex["decoder_causal_attention"],
+                                [1, 1, 1, 1, 0, 0, 1, 1, 1, 0])
