@@ -72,6 +72,37 @@ def _check_lfs(path: str, head: bytes) -> None:
         "clone it came from (or download the file itself).")
 
 
+def _scan(path: str) -> Tuple[bytes, bytes, bytes]:
+  """(first 256 bytes, first and last non-blank bytes) of the file's data.
+
+  Reads to the end: a gzip's truncation, and a JSON array's missing "]",
+  only show at the end.
+  """
+  head, first, last = b"", b"", b""
+  try:
+    with (gzip.open(path, "rb") if path.endswith(".gz")
+          else open(path, "rb")) as f:
+      while chunk := f.read(_CHUNK):
+        head = head or chunk[:256]
+        data = chunk.strip()
+        if data:
+          first = first or data[:1]
+          last = data[-1:]
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise DataFileError(
+        f"{path}: not a complete gzip file ({e}); the download was "
+        "probably cut short: fetch the file again.") from None
+  return head, first, last
+
+
+def _truncated_array(path: str, detail: str) -> DataFileError:
+  """A JSON array cut short: the records after the cut are unknown, so this
+  fails in "skip" mode too rather than count one row for a lost tail."""
+  return DataFileError(
+      f"{path}: the JSON array is cut short ({detail}); the download was "
+      "probably interrupted: fetch the file again.")
+
+
 def check_file(path: str, expected: Optional[str] = None) -> None:
   """Raises DataFileError unless `path` is complete data in format `expected`
   ("array": one JSON array; "lines": JSON lines; None: either).
@@ -89,27 +120,25 @@ def check_file(path: str, expected: Optional[str] = None) -> None:
   with open(path, "rb") as f:
     head = f.read(256)
   _check_lfs(path, head)
+  if path.endswith(".gz") and head and not head.startswith(b"\x1f\x8b"):
+    raise DataFileError(f"{path}: named .gz but is not gzip data.")
+  head, first, last = _scan(path)
   if path.endswith(".gz"):
-    if not head.startswith(b"\x1f\x8b"):
-      raise DataFileError(f"{path}: named .gz but is not gzip data.")
-    try:  # Reads to the end: truncation only shows at the end.
-      with gzip.open(path, "rb") as f:
-        head = f.read(256)
-        while f.read(_CHUNK):
-          pass
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-      raise DataFileError(
-          f"{path}: not a complete gzip file ({e}); the download was "
-          "probably cut short: fetch the file again.") from None
     _check_lfs(path, head)
-  first = head.lstrip()[:1]
-  if expected == ARRAY and not first:
-    raise DataFileError(f"{path}: is empty; expected one JSON array.")
+  if not first:
+    what = {ARRAY: "one JSON array", LINES: "JSON lines"}.get(
+        expected, "JSON records")
+    raise DataFileError(
+        f"{path}: is empty; expected {what}. The download was probably cut "
+        "short or never finished: fetch the file again (or remove it if it "
+        "does not belong to the data set).")
   if expected == ARRAY and first != b"[":
     found = "JSON lines or one object" if first == b"{" else repr(first)
     raise DataFileError(
         f"{path}: expected one JSON array of records but the file starts "
         f"with {found}: is this the right file?")
+  if expected == ARRAY and last != b"]":
+    raise _truncated_array(path, f"ends with {last!r}, not the closing ']'")
   if expected == LINES and first == b"[":
     raise DataFileError(
         f"{path}: expected JSON lines (one object per line) but the file "
@@ -228,6 +257,8 @@ def read_json_array(
   Records are parsed one at a time, so a malformed record (invalid JSON,
   non-UTF-8 bytes, a missing, null or mistyped field) is one bad row named
   "{path} record {i} (line {n})": skipping it keeps the rest of the file.
+  A file cut short (the text ends inside a record or before the closing "]")
+  is a DataFileError in either mode: what followed the cut is unknown.
   """
   check_file(path, ARRAY)
   text = _read_bytes(path).decode("utf-8", errors="surrogateescape")
@@ -239,6 +270,7 @@ def read_json_array(
   indent = text[text.rfind("\n", 0, pos) + 1:pos]
   indent = indent if not indent.strip() else ""
   index = 0
+  end_of_data = len(text.rstrip())
   while pos < len(text) and text[pos] != "]":
     line = text.count("\n", 0, pos) + 1
     where = f"{path} record {index} (line {line})"
@@ -250,6 +282,8 @@ def read_json_array(
         raise json.JSONDecodeError("expected ',' or ']' after a record",
                                    text, after)
     except json.JSONDecodeError as e:
+      if e.pos >= end_of_data:  # the text stops inside this record
+        raise _truncated_array(path, f"{where} is incomplete") from None
       handle_bad_row(where, f"invalid JSON ({e.msg}, line {e.lineno} column "
                      f"{e.colno})", scope=scope)
       resume = _next_record(text, max(e.pos, pos), indent)
@@ -269,6 +303,8 @@ def read_json_array(
       handle_bad_row(where, problem, scope=scope)
       continue
     yield where, record
+  if pos >= len(text):
+    raise _truncated_array(path, f"no closing ']' after {index} records")
 
 
 def read_json_records(
@@ -277,8 +313,6 @@ def read_json_records(
   """JSON array or JSON lines, decided by the first non-blank character."""
   check_file(path)
   first = _read_bytes(path).lstrip()[:1]
-  if not first:
-    return
   reader = read_json_array if first == b"[" else read_json_lines
   yield from reader(path, required=required, scope=scope)
 

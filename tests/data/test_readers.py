@@ -186,3 +186,69 @@ def test_bad_row_inside_the_graph_reraises_the_original_error(tmp_path,
   message = str(error.value)
   assert message.startswith(f"{path} record 1 (line 8): malformed row:")
   assert "Traceback" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+@pytest.mark.parametrize("data, gz", [(b"", False), (b"", True),
+                                      (b"\n  \n", True)])
+def test_empty_json_lines_file_is_an_error(tmp_path, monkeypatch, mode, data,
+                                           gz):
+  path = _hh_file(tmp_path, monkeypatch, data, gz=gz)
+  with gin.unlock_config():
+    gin.bind_parameter("perl.data.readers.bad_row_policy.policy", mode)
+  try:
+    with pytest.raises(readers.DataFileError) as error:
+      list(hh_rlhf.pairs("helpful-base", "train"))
+  finally:
+    gin.clear_config()
+  assert str(error.value).startswith(f"{path}: is empty; expected JSON lines")
+  assert "fetch the file again" in str(error.value)
+
+
+@pytest.mark.parametrize("read, expected", [
+    (readers.read_json_lines, "JSON lines"),
+    (readers.read_json_records, "JSON records")])
+def test_zero_byte_jsonl_file_is_an_error(tmp_path, skip_mode, read, expected):
+  path = tmp_path / "rows.jsonl"
+  path.write_bytes(b"")
+  with pytest.raises(readers.DataFileError,
+                     match=f"^{path}: is empty; expected {expected}"):
+    list(read(str(path), scope="x"))
+
+
+def _cut(text: str, marker: str) -> str:
+  """`text` cut just before the last occurrence of `marker`."""
+  return text[:text.rindex(marker)]
+
+
+@pytest.mark.parametrize("mode", ["fail", "skip"])
+@pytest.mark.parametrize("cut", [
+    '"reward"',  # inside the last record
+    "\n]",  # after the last record, before the closing bracket
+])
+def test_truncated_array_fails_in_either_mode(tmp_path, monkeypatch, mode,
+                                              cut):
+  rows = [dict(GOOD_ROW, conversation_id=f"dlg-{i}") for i in range(5)]
+  path = _reward_file(tmp_path, monkeypatch,
+                      _cut(json.dumps(rows, indent=4), cut))
+  with gin.unlock_config():
+    gin.bind_parameter("perl.data.readers.bad_row_policy.policy", mode)
+  try:
+    with pytest.raises(readers.DataFileError) as error:
+      list(taskmaster.reward_examples("taskmaster4", "all"))
+  finally:
+    gin.clear_config()
+  assert str(error.value).startswith(f"{path}: the JSON array is cut short")
+  assert "fetch the file again" in str(error.value)
+  assert report.counts("taskmaster4/reward/all") == {}
+
+
+def test_array_cut_after_a_nested_bracket_is_truncated(tmp_path, skip_mode):
+  # Ends in "]" (of a nested list), so only parsing finds the cut.
+  text = json.dumps([{"a": 1}, {"b": [1, 2]}], indent=4)
+  path = tmp_path / "rows.json"
+  path.write_text(text[:text.rindex("]", 0, len(text) - 1) + 1])
+  with pytest.raises(readers.DataFileError,
+                     match=r"cut short \(.*record 1 \(line 5\) is incomplete"):
+    list(readers.read_json_array(str(path), scope="x"))
+  assert report.counts("x") == {}
