@@ -1,6 +1,7 @@
-"""Shared registration for every task: output features per kind, a data
-source over a Python generator, and text-level checks (empty responses,
-identical pairs) that are counted in the data report.
+"""Shared registration for every task into `perl.data.registry` (which owns
+the kinds and output features): a data source over a Python generator, and
+text-level checks (empty responses, identical pairs) counted in the data
+report.
 
 Data source choice: `seqio.FunctionDataSource` over a generator that reads the
 upstream files as published (no TFDS prepare step, so a full upstream download
@@ -19,47 +20,12 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
+from perl.data import registry
+from perl.data.registry import (  # noqa: F401  (the names tasks use)
+    EOS_FIELDS, KINDS, POINTWISE, PREFERENCE, PROMPTS, RECORDS, SFT,
+    TEXT_FIELDS, TaskRecords, kind_of, output_features, pop_reader_error,
+    register_mixture)
 from perl.data import chat, preprocessors, report, vocabularies
-
-SFT = "sft"
-PREFERENCE = "preference"
-POINTWISE = "pointwise"
-PROMPTS = "prompts"
-KINDS = (SFT, PREFERENCE, POINTWISE, PROMPTS)
-
-# Text fields each kind's generator yields (label is a float).
-TEXT_FIELDS = {
-    SFT: ("inputs", "targets"),
-    PREFERENCE: ("prompt", "chosen", "rejected"),
-    POINTWISE: ("prompt", "response"),
-    PROMPTS: ("prompt",),
-}
-# Fields that get an EOS appended: the ones the model must learn to end.
-EOS_FIELDS = ("targets", "chosen", "rejected", "response")
-
-
-def output_features(kind: str, vocabulary: seqio.Vocabulary
-                    ) -> Dict[str, seqio.Feature]:
-  features = {
-      name: seqio.Feature(vocabulary=vocabulary, add_eos=name in EOS_FIELDS)
-      for name in TEXT_FIELDS[kind]
-  }
-  if kind == POINTWISE:
-    # A rank-0 float passes through tokenization untouched; listing it here
-    # keeps it alive through seqio.Mixture's feature filter.
-    features["label"] = seqio.Feature(
-        vocabulary=seqio.PassThroughVocabulary(size=0), add_eos=False,
-        dtype=tf.float32, rank=0)
-  return features
-
-
-def kind_of(features: Mapping[str, seqio.Feature]) -> str:
-  """The kind of a task or mixture, from its output feature names."""
-  for kind in (PREFERENCE, POINTWISE, SFT, PROMPTS):
-    if set(TEXT_FIELDS[kind]) <= set(features):
-      return kind
-  raise ValueError(f"no task kind has features {sorted(features)}")
-
 
 @gin.configurable(module="tasks.common")
 @dataclasses.dataclass(frozen=True)
@@ -103,14 +69,8 @@ def _signature(kind: str) -> Dict[str, tf.TensorSpec]:
   return signature
 
 
-# Python errors raised inside a generator, newest last: tf.data turns them
-# into an OpError carrying a traceback; `perl.data.pipeline` re-raises the
-# original instead (`pop_reader_error`).
-_READER_ERRORS: List[BaseException] = []
-
-
-def pop_reader_error() -> Optional[BaseException]:
-  return _READER_ERRORS.pop() if _READER_ERRORS else None
+# Python errors raised inside a generator (`registry.READER_ERRORS`).
+_READER_ERRORS = registry.READER_ERRORS
 
 
 def generator_source(
@@ -172,24 +132,6 @@ def _eos_text(vocabulary: seqio.Vocabulary | None) -> str | None:
   return vocabularies.token_text_of(vocabulary, vocabulary.eos_id)
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskRecords:
-  """What a registered upstream task reads: the TFDS builders
-  (`tasks.tfds_builders`) prepare exactly these records."""
-  # sft / preference / pointwise / prompts.
-  kind: str
-  # The splits the task has.
-  splits: Tuple[str, ...]
-  # split -> records as the readers yield them (before the quality checks).
-  records_fn: Callable[[str], Iterable[dict]]
-  # split -> None; checks the split's files exist and open (None: no check).
-  preflight: Optional[Callable[[str], None]] = None
-
-
-# Every task registered through `register_task`, by name.
-RECORDS: Dict[str, TaskRecords] = {}
-
-
 def register_task(
     name: str, *, kind: str, splits: Sequence[str],
     records_fn: Callable[[str], Iterable[dict]],
@@ -197,28 +139,11 @@ def register_task(
     metric_fns: Sequence[Callable] = (),
     preflight: Optional[Callable[[str], None]] = None,
 ) -> seqio.Task:
-  """Registers (or re-registers, so importing twice is safe) one task."""
-  if kind not in KINDS:
-    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
-  RECORDS[name] = TaskRecords(kind, tuple(splits), records_fn, preflight)
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
-  return seqio.TaskRegistry.add(
-      name,
+  """Registers (idempotently) one task reading `records_fn(split)`."""
+  registry.check_kind(kind)
+  return registry.register_task(
+      name, kind=kind,
       source=generator_source(name, kind, splits, records_fn, preflight,
                               vocabulary),
-      preprocessors=[preprocessors.tokenize_in_batches,
-                     preprocessors.prepend_bos,
-                     seqio.preprocessors.append_eos],
-      output_features=output_features(kind, vocabulary),
-      metric_fns=list(metric_fns),
-  )
-
-
-def register_mixture(name: str, tasks_and_rates: Sequence) -> seqio.Mixture:
-  """Registers a mixture of (task name, rate) pairs; idempotent."""
-  if name in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(name, list(tasks_and_rates))
-
-
+      vocabulary=vocabulary, metric_fns=metric_fns,
+      records=TaskRecords(kind, tuple(splits), records_fn, preflight))

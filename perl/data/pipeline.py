@@ -20,43 +20,16 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from perl.data import feature_converters, report
+from perl.data import feature_converters, registry, report
 
 ShardSpec = Union[seqio.ShardInfo, Tuple[int, int], None]
 
 
-def get_task(name: str):
-  """A registered task or mixture; registers all tasks on first use."""
-  import tasks  # noqa: F401  Registration happens on import.
-
-  try:
-    return seqio.get_mixture_or_task(name)
-  except ValueError as e:
-    known = sorted(seqio.TaskRegistry.names()) + sorted(
-        seqio.MixtureRegistry.names())
-    raise ValueError(f"unknown task or mixture {name!r}; known: {known}") from e
-
-
-def task_kind(name: str) -> str:
-  from tasks import common
-
-  return common.kind_of(get_task(name).output_features)
-
-
-def vocabulary(name: str) -> seqio.Vocabulary:
-  """The vocabulary of a task's text features."""
-  features = get_task(name).output_features
-  key = next(k for k in ("prompt", "inputs", "targets") if k in features)
-  return features[key].vocabulary
-
-
-def member_tasks(name: str) -> list:
-  """The tasks a mixture samples from (nested mixtures flattened), in order;
-  a task is its own only member."""
-  source = get_task(name)
-  if isinstance(source, seqio.Mixture):
-    return [task.name for task in source.tasks]
-  return [name]
+# Task lookups live with the registry; named here too for the callers.
+get_task = registry.get_task
+task_kind = registry.task_kind
+vocabulary = registry.vocabulary
+member_tasks = registry.member_tasks
 
 
 def splits(name: str) -> list:
@@ -79,8 +52,6 @@ def check_split(name: str, split: str) -> None:
 def numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict]:
   """`ds.as_numpy_iterator()`, re-raising a reader's own error (which names
   the file and row) instead of the tf.data error that wraps it."""
-  from tasks import common
-
   iterator = ds.as_numpy_iterator()
   while True:
     try:
@@ -88,7 +59,7 @@ def numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict]:
     except StopIteration:
       return
     except tf.errors.OpError as e:
-      original = common.pop_reader_error()
+      original = registry.pop_reader_error()
       if original is None:
         raise
       raise original from None

@@ -28,7 +28,9 @@ DEFAULT_NUM_SHARDS = 8
 
 def _builder(task: str, data_dir: str, file_format: Optional[str] = None,
              splits: Optional[Sequence[str]] = None):
-  import tasks  # noqa: F401  pylint: disable=g-import-not-at-top
+  from perl.data import registry  # pylint: disable=g-import-not-at-top
+  registry.import_modules()  # the registrations the builders read
+  # The builders are the repository's own (tasks/); imported here, at use.
   from tasks import prepared, tfds_builders  # pylint: disable=g-import-not-at-top
   cls, config = tfds_builders.builder_for(prepared.base_task(task))
   kwargs = {"file_format": file_format} if file_format else {}
