@@ -31,7 +31,9 @@ Splits, by the unit that leaks ("all" is every row exactly as published):
       crc32 of its shortest context, as above. The empty context (the
       dialog's opening) is a prefix of every context, so its rows stay in
       "train". Exact duplicate rows (same prompt, response and label) are
-      removed from train/validation/test and counted as "duplicate_rows".
+      removed from train/validation/test and counted as "duplicate_rows";
+      (prompt, response) pairs labelled both 1.0 and 0.0 are kept and
+      counted as "conflicting_labels", in every split.
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ import glob
 import json
 import os
 import zlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (Dict, Iterable, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 from perl.data import paths, readers, report, vocabularies
 from tasks import common
@@ -60,6 +63,15 @@ _DIALOG_FIELDS = {"conversation_id": str, "utterances": list}
 _SPEAKER_ROLES = {"user": "user", "assistant": "agent", "agent": "agent"}
 
 Turn = Dict[str, object]
+# The app's greeting, said before the user's first words: it opens 3,218 of
+# the 3,228 TM-4 reward contexts, while the TM-4 dialogs start at the user.
+# SFT dialogs that open with the user get it too, so SFT, reward-model and
+# RL prompts all start the way the reward contexts (and RL prompts) do.
+OPENING_TURNS: Dict[str, Turn] = {"taskmaster4": {
+    "role": "agent",
+    "text": ("Welcome to the Coffee Bar where you can order coffee, tea, "
+             "espresso, and other drinks ahead of time. What can I get for "
+             "you?")}}
 
 
 def _check_split(split: str) -> None:
@@ -106,10 +118,24 @@ def _read_official_splits(root: str) -> Dict[str, str]:
   return assignment
 
 
+def _string(value: object, what: str) -> str:
+  """`value` when it is a string; a null or other value is a malformed row
+  (it would otherwise render as the text "None")."""
+  if not isinstance(value, str):
+    found = "null" if value is None else type(value).__name__
+    raise ValueError(f"{what} should be a string, got {found}")
+  return value
+
+
 def turn_body(turn: Turn) -> str:
   """The text of one turn: words, an API call, or an API response."""
+  if not isinstance(turn, dict):
+    raise ValueError(f"a turn should be an object, got {type(turn).__name__}")
+  for field in ("text", "api", "response"):
+    if field in turn and turn[field] is None:
+      raise ValueError(f"turn field {field!r} is null")
   if "text" in turn:
-    return str(turn["text"])
+    return _string(turn["text"], "turn field 'text'")
   if "api" in turn:
     return "[api] " + json.dumps(turn["api"], ensure_ascii=False)
   if "response" in turn:
@@ -118,7 +144,11 @@ def turn_body(turn: Turn) -> str:
 
 
 def render_prompt(context: List[Turn]) -> str:
-  lines = [f"{turn['role']}: {turn_body(turn)}" for turn in context]
+  lines = []
+  for turn in context:
+    body = turn_body(turn)
+    role = _string(turn.get("role"), "turn field 'role'")
+    lines.append(f"{role}: {body}")
   return "\n".join(lines + ["agent:"])
 
 
@@ -139,10 +169,11 @@ def _tm4_api_turns(annotations: List[dict]) -> List[Turn]:
   """Agent API calls and API responses from one TM-4 utterance's annotations."""
   calls: Dict[str, Dict[str, object]] = {}
   for annotation in annotations:
-    context = annotation["context"]
+    context = _string(annotation.get("context"), "annotation field 'context'")
     number = context.rsplit("_", 1)[-1]
     call = calls.setdefault(number, {})
-    name = annotation["name"]
+    name = _string(annotation.get("name"), "annotation field 'name'")
+    _string(annotation.get("value"), f"annotation {name!r} field 'value'")
     if name in ("api_call", "api_response"):
       call["name"] = annotation["value"]
     elif name == "request":
@@ -161,31 +192,42 @@ def _tm4_api_turns(annotations: List[dict]) -> List[Turn]:
 def _tm3_api_turns(apis: List[dict]) -> List[Turn]:
   turns: List[Turn] = []
   for api in sorted(apis, key=lambda a: a.get("index", 0)):
+    _string(api.get("name"), "api field 'name'")
     turns.append({"role": "agent", "api": {api["name"]: api.get("args", {})}})
     if "response" in api:
       turns.append({"role": "api", "response": {api["name"]: api["response"]}})
   return turns
 
 
-def dialog_turns(dialog: dict) -> List[Turn]:
-  """A TM-4 or TM-3 dialog as the reward sets' turn list.
+def dialog_turns(dialog: dict, opening: Optional[Turn] = None) -> List[Turn]:
+  """A TM-4 or TM-3 dialog as the reward sets' turn list, led by `opening`
+  when the dialog starts with the user.
 
   API calls follow a user utterance (the agent acts on what it heard) and
   precede an agent utterance's words (the agent speaks after the result).
   """
   turns: List[Turn] = []
   for utterance in sorted(dialog["utterances"], key=lambda u: u["index"]):
-    role = _SPEAKER_ROLES[utterance["speaker"]]
+    speaker = utterance["speaker"]
+    if speaker not in _SPEAKER_ROLES:
+      raise ValueError(f"utterance {utterance['index']}: speaker should be "
+                       f"one of {sorted(_SPEAKER_ROLES)}, got {speaker!r}")
+    role = _SPEAKER_ROLES[speaker]
     api_turns = (_tm4_api_turns(utterance.get("annotations") or [])
                  + _tm3_api_turns(utterance.get("apis") or []))
-    spoken = {"role": role, "text": utterance["text"]}
+    text = _string(utterance.get("text"),
+                   f"utterance {utterance['index']} field 'text'")
+    spoken = {"role": role, "text": text}
     turns.extend([spoken] + api_turns if role == "user" else api_turns + [spoken])
+  if opening is not None and turns and turns[0]["role"] == "user":
+    turns.insert(0, dict(opening))
   return turns
 
 
-def sft_records(dialog: dict) -> Iterator[dict]:
+def sft_records(dialog: dict, opening: Optional[Turn] = None
+                ) -> Iterator[dict]:
   """One example per agent turn: everything before it -> that turn."""
-  turns = dialog_turns(dialog)
+  turns = dialog_turns(dialog, opening)
   for i, turn in enumerate(turns):
     if turn["role"] == "agent" and i > 0:
       yield {"inputs": render_prompt(turns[:i]),
@@ -235,7 +277,8 @@ def _records(version: str, subdir: str, required, split: str
 def dialog_sft_examples(version: str, split: str) -> Iterator[dict]:
   for where, dialog, scope in _records(version, "data", _DIALOG_FIELDS, split):
     examples = readers.parse_or_bad_row(
-        where, lambda: list(sft_records(dialog)), scope=scope)
+        where, lambda: list(sft_records(dialog, OPENING_TURNS.get(version))),
+        scope=scope)
     yield from examples or ()
 
 
@@ -296,15 +339,21 @@ def reward_examples(version: str, split: str) -> Iterator[dict]:
     if example is not None:
       rows.append((example, str(record["conversation_id"])))
   if split == "all":  # as published: every row, duplicates included
-    for (example, _), _ in rows:
-      yield example
+    yield from report.counting_label_conflicts(
+        scope, (example for (example, _), _ in rows))
     return
   row_splits = group_rows([context for (_, context), _ in rows],
                           [cid for _, cid in rows])
+  yield from report.counting_label_conflicts(
+      scope, _deduplicated(scope, (example for ((example, _), _), row_split
+                                   in zip(rows, row_splits)
+                                   if row_split == split)))
+
+
+def _deduplicated(scope: str, examples: Iterable[dict]) -> Iterator[dict]:
+  """`examples` without exact repeats, counted as "duplicate_rows"."""
   seen = set()
-  for ((example, _), _), row_split in zip(rows, row_splits):
-    if row_split != split:
-      continue
+  for example in examples:
     key = (example["prompt"], example["response"], example["label"])
     if key in seen:
       report.count(scope, "duplicate_rows")

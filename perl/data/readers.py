@@ -323,7 +323,7 @@ def parse_or_bad_row(
   """Runs `parse()`; on a data error applies the bad-row policy, returns None."""
   try:
     return parse()
-  except (KeyError, TypeError, ValueError, IndexError) as e:
+  except (AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
     if isinstance(e, MalformedRowError):
       raise
     handle_bad_row(where, f"{type(e).__name__}: {e}", scope=scope)

@@ -1,12 +1,12 @@
 """Counters for data problems: skipped rows, empty responses, identical pairs,
-prompt mismatches, truncation. Readers and the pipeline add to one process-wide
+conflicting labels, prompt mismatches, truncation. Readers and the pipeline add to one process-wide
 report per (task, split) so that `perl.data.inspect` and trainers can show it.
 """
 from __future__ import annotations
 
 import collections
 import threading
-from typing import Dict, Mapping
+from typing import Dict, Iterable, Iterator, Mapping
 
 from absl import logging
 
@@ -35,6 +35,20 @@ def all_counts() -> Mapping[str, Mapping[str, int]]:
 def reset() -> None:
   with _LOCK:
     _COUNTS.clear()
+
+
+def counting_label_conflicts(scope: str, examples: Iterable[dict]
+                             ) -> Iterator[dict]:
+  """Yields pointwise `examples` unchanged; once they are all read, counts as
+  "conflicting_labels" the (prompt, response) pairs seen with more than one
+  label (noise a reward model cannot fit)."""
+  labels: Dict[tuple, set] = collections.defaultdict(set)
+  for example in examples:
+    labels[(example["prompt"], example["response"])].add(example["label"])
+    yield example
+  conflicts = sum(len(seen) > 1 for seen in labels.values())
+  if conflicts:
+    count(scope, "conflicting_labels", conflicts)
 
 
 def log_scope(scope: str) -> None:

@@ -60,7 +60,9 @@ def test_tm4_dialogs():
   assert len(dialogs) == 3710
   examples = list(taskmaster.dialog_sft_examples("taskmaster4", "all"))
   assert len(examples) == 22315
-  assert examples[0]["inputs"] == "user: one Chai Latte please\nagent:"
+  assert examples[0]["inputs"] == (
+      "agent: " + taskmaster.OPENING_TURNS["taskmaster4"]["text"]
+      + "\nuser: one Chai Latte please\nagent:")
   assert examples[0]["targets"] == (
       ' [api] {"get_menu_items": {"query": "Chai Latte"}}')
 

@@ -7,7 +7,8 @@ import pytest
 
 from perl.data import paths, pipeline, readers, report
 from tasks import taskmaster
-from tests.tasks.fixture_data import FIXTURES, fixture_data  # noqa: F401
+from tests.tasks.fixture_data import (  # noqa: F401
+    FIXTURES, fixture_data, real_data)
 
 
 def fixture_data_dir():
@@ -17,11 +18,17 @@ PROMPT_R1 = ("agent: Welcome to the Coffee Bar. What can I get for you?\n"
              "user: can i get an espresso please\nagent:")
 
 
+GREETING = ("agent: Welcome to the Coffee Bar where you can order coffee, "
+            "tea, espresso, and other drinks ahead of time. What can I get "
+            "for you?\n")
+
+
 def test_tm4_dialog_becomes_sft_examples(fixture_data):
   examples = list(taskmaster.dialog_sft_examples("taskmaster4", "all"))
   assert len(examples) == 6
+  # Dialogs open with the app's greeting, as the reward contexts do.
   assert examples[0] == {
-      "inputs": "user: one mocha please\nagent:",
+      "inputs": GREETING + "user: one mocha please\nagent:",
       "targets": ' [api] {"get_menu_items": {"query": "mocha"}}'}
   assert examples[1]["inputs"].endswith(
       'api: {"get_menu_items": {"menu_items": [{"menu_item_id": "mocha-0006", '
@@ -30,7 +37,7 @@ def test_tm4_dialog_becomes_sft_examples(fixture_data):
   # finish_order has no request annotation: empty args.
   assert examples[3]["targets"] == ' [api] {"finish_order": {}}'
   assert examples[4]["targets"] == " your mocha will be ready soon."
-  assert examples[5] == {"inputs": "user: hi\nagent:",
+  assert examples[5] == {"inputs": GREETING + "user: hi\nagent:",
                          "targets": " hello, what can I get you?"}
 
 
@@ -202,3 +209,121 @@ def test_malformed_reward_row_fails_or_is_skipped(monkeypatch, tmp_path):
   finally:
     gin.clear_config()
   assert report.counts("taskmaster4/reward/all") == {"skipped_malformed_rows": 1}
+
+
+def _bind_policy(policy):
+  import gin
+
+  with gin.unlock_config():
+    gin.bind_parameter("perl.data.readers.bad_row_policy.policy", policy)
+
+
+GOOD_ROW = {"conversation_id": "a",
+            "context": '[{"role": "user", "text": "one tea"}]',
+            "generation": '{"role": "agent", "text": "sure"}', "reward": 1.0}
+
+
+@pytest.mark.parametrize("bad, problem", [
+    (dict(GOOD_ROW, context='[{"role": "user", "text": null}]'),
+     "turn field 'text' is null"),
+    (dict(GOOD_ROW, context='[{"role": null, "text": "one tea"}]'),
+     "turn field 'role' should be a string, got null"),
+    (dict(GOOD_ROW, generation='{"role": "agent", "text": null}'),
+     "turn field 'text' is null"),
+    (dict(GOOD_ROW, generation='{"role": "agent", "api": null}'),
+     "turn field 'api' is null"),
+])
+def test_nested_null_in_a_reward_row_is_a_malformed_row(monkeypatch, tmp_path,
+                                                        bad, problem):
+  import gin
+
+  rows = [GOOD_ROW, dict(bad, conversation_id="b")]
+  _write_reward_rows(tmp_path, rows)
+  path = tmp_path / "taskmaster" / "TM-4-2024" / "reward" / "reward_00.json"
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path))
+  with pytest.raises(readers.MalformedRowError) as error:
+    list(taskmaster.reward_examples("taskmaster4", "all"))
+  assert str(error.value).startswith(
+      f"{path} record 1 (line 8): malformed row: ValueError: {problem}")
+  assert "\n" not in str(error.value)
+  report.reset()
+  _bind_policy("skip")
+  try:
+    examples = list(taskmaster.reward_examples("taskmaster4", "all"))
+  finally:
+    gin.clear_config()
+  assert [e["prompt"] for e in examples] == ["user: one tea\nagent:"]
+  assert report.counts("taskmaster4/reward/all") == {"skipped_malformed_rows": 1}
+
+
+def _dialog(cid, utterances):
+  return {"conversation_id": cid, "utterances": [
+      dict({"index": i, "segments": [], "annotations": []}, **u)
+      for i, u in enumerate(utterances)]}
+
+
+@pytest.mark.parametrize("utterance, problem", [
+    ({"speaker": "assistant", "text": None},
+     "utterance 1 field 'text' should be a string, got null"),
+    ({"speaker": None, "text": "hi"},
+     "utterance 1: speaker should be one of"),
+    ({"speaker": "assistant", "text": "ok", "annotations": [
+        {"name": "api_call", "value": None, "context": "api_call_0"}]},
+     "annotation 'api_call' field 'value' should be a string, got null"),
+])
+def test_nested_null_in_a_dialog_is_a_malformed_row(monkeypatch, tmp_path,
+                                                    utterance, problem):
+  import gin
+
+  good = _dialog("dlg-good", [{"speaker": "user", "text": "a tea"},
+                              {"speaker": "assistant", "text": "sure"}])
+  bad = _dialog("dlg-bad", [{"speaker": "user", "text": "a tea"}, utterance])
+  folder = tmp_path / "taskmaster" / "TM-4-2024" / "data"
+  folder.mkdir(parents=True)
+  (folder / "data_00.json").write_text(json.dumps([good, bad], indent=4))
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path))
+  with pytest.raises(readers.MalformedRowError) as error:
+    list(taskmaster.dialog_sft_examples("taskmaster4", "all"))
+  assert str(error.value).startswith(
+      f"{folder / 'data_00.json'} record 1 (line 21): malformed row: "
+      f"ValueError: {problem}")
+  report.reset()
+  _bind_policy("skip")
+  try:
+    examples = list(taskmaster.dialog_sft_examples("taskmaster4", "all"))
+  finally:
+    gin.clear_config()
+  assert [e["targets"] for e in examples] == [" sure"]
+  assert "None" not in examples[0]["inputs"]
+  assert report.counts("taskmaster4/data/all") == {"skipped_malformed_rows": 1}
+
+
+def test_conflicting_labels_are_counted_in_every_split(monkeypatch, tmp_path):
+  rows = _dialog_rows(30, 2)
+  # The same (prompt, response) labelled both ways: kept, and counted.
+  rows += [dict(r, conversation_id=r["conversation_id"] + "-flip",
+                reward=1.0 - r["reward"]) for r in rows[:4]]
+  _write_reward_rows(tmp_path, rows)
+  monkeypatch.setenv("PERL_DATA_DIR", str(tmp_path))
+  report.reset()
+  assert len(list(taskmaster.reward_examples("taskmaster4", "all"))) == 64
+  assert report.counts("taskmaster4/reward/all") == {"conflicting_labels": 4}
+  kept = sum(len(list(taskmaster.reward_examples("taskmaster4", split)))
+             for split in ("train", "validation", "test"))
+  assert kept == 64
+  assert sum(report.counts(f"taskmaster4/reward/{split}").get(
+      "conflicting_labels", 0) for split in ("train", "validation", "test")) == 4
+
+
+@real_data
+def test_tm4_sft_and_reward_prompts_open_the_same_way():
+  import collections
+
+  firsts = collections.Counter(
+      e["prompt"].split("\n", 1)[0]
+      for e in taskmaster.reward_examples("taskmaster4", "all"))
+  assert firsts.most_common(1) == [(GREETING.rstrip("\n"), 3218)]
+  sft_firsts = collections.Counter(
+      e["inputs"].split("\n", 1)[0]
+      for e in taskmaster.dialog_sft_examples("taskmaster4", "all"))
+  assert sft_firsts == {GREETING.rstrip("\n"): 22315}
