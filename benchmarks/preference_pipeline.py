@@ -92,9 +92,9 @@ def use_vocabulary(tokenizer_json: str | None) -> None:
   gin.clear_config()
   if tokenizer_json:
     with gin.unlock_config():
-      gin.bind_parameter("perl.data.vocabularies.task_vocabulary.kind", "huggingface")
-      gin.bind_parameter("perl.data.vocabularies.task_vocabulary.path", tokenizer_json)
-      gin.bind_parameter("perl.data.vocabularies.task_vocabulary.eos_token",
+      gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.kind", "huggingface")
+      gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.path", tokenizer_json)
+      gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.eos_token",
                          "<|end_of_text|>")
 
 

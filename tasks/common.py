@@ -20,12 +20,13 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
+from perl.data import chat, preprocessors, report, vocabularies
 from perl.data import registry
 from perl.data.registry import (  # noqa: F401  (the names tasks use)
     EOS_FIELDS, KINDS, POINTWISE, PREFERENCE, PROMPTS, RECORDS, SFT,
     TEXT_FIELDS, TaskRecords, kind_of, output_features, pop_reader_error,
     register_mixture)
-from perl.data import chat, preprocessors, report, vocabularies
+
 
 @gin.configurable(module="tasks.common")
 @dataclasses.dataclass(frozen=True)

@@ -159,12 +159,12 @@ def rendering(kind: str = RAW, tokenizer: Optional[str] = None) -> Optional[Chat
     raise ValueError(f"perl.data.chat.rendering.kind={kind!r}: choose one of "
                      f"{RENDERINGS}.")
   if tokenizer is None:
-    from perl.data import vocabularies  # pylint: disable=g-import-not-at-top
-    tokenizer = vocabularies.configured_tokenizer_path()
+    from perl.data import vocabulary_config  # pylint: disable=g-import-not-at-top
+    tokenizer = vocabulary_config.configured_tokenizer_path()
   if tokenizer is None:
     raise ValueError(
         "rendering kind='chat_template' needs a tokenizer with a chat template:"
-        " set perl.data.vocabularies.task_vocabulary.path (or "
+        " set perl.data.vocabulary_config.task_vocabulary.path (or "
         "perl.data.chat.rendering.tokenizer) to the model's tokenizer directory.")
   return ChatTemplate.from_pretrained(tokenizer)
 

@@ -14,8 +14,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from perl.data import chat
-from perl.data.vocabulary_config import task_vocabulary  # noqa: F401  (gin name)
+from perl.data import chat, vocabulary_config
 
 
 def byte_vocabulary() -> seqio.ByteVocabulary:
@@ -46,8 +45,8 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
     if not os.path.isfile(tokenizer_json):
       raise FileNotFoundError(
           f"tokenizer file {tokenizer_json} not found: point "
-          "perl.data.vocabularies.task_vocabulary.path (the TOKENIZER macro) at "
-          "the model's tokenizer.json or the directory that holds it.")
+          "perl.data.vocabulary_config.task_vocabulary.path (the TOKENIZER "
+          "macro) at the model's tokenizer.json or the directory that holds it.")
     self._path = tokenizer_json
     config = chat.read_tokenizer_config(tokenizer_json)
     self._eos_token = eos_token or chat.token_text(config.get("eos_token"))
@@ -58,8 +57,8 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
       raise ValueError(
           f"{tokenizer_json}: no EOS token (none given and none in "
           "tokenizer_config.json). Fix: set "
-          "perl.data.vocabularies.task_vocabulary.eos_token to the token that "
-          "ends a response, e.g. '<|eot_id|>' (Llama 3), '<|im_end|>' (Qwen2.5),"
+          "perl.data.vocabulary_config.task_vocabulary.eos_token to the token "
+          "that ends a response, e.g. '<|eot_id|>' (Llama 3), '<|im_end|>' (Qwen2.5),"
           " '<end_of_turn>' (Gemma).")
     super().__init__(extra_ids=extra_ids)
     self.eos_id  # pylint: disable=pointless-statement  # fails now if unknown
@@ -158,10 +157,21 @@ class HuggingFaceVocabulary(seqio.Vocabulary):
     return hash((self._path, self._eos_token))
 
 
+def task_vocabulary(**overrides) -> seqio.Vocabulary:
+  """The task vocabulary chosen in gin (`perl.data.vocabulary_config.
+  task_vocabulary`: kind, path, special tokens), built; keyword arguments
+  override the choice."""
+  choice = vocabulary_config.task_vocabulary(**overrides)
+  return build_task_vocabulary(choice.kind, choice.path,
+                               eos_token=choice.eos_token,
+                               bos_token=choice.bos_token,
+                               add_bos=choice.add_bos)
+
+
 def build_task_vocabulary(kind: str, path: Optional[str], *,
                           eos_token: Optional[str], bos_token: Optional[str],
                           add_bos: Optional[bool]) -> seqio.Vocabulary:
-  """What `task_vocabulary` (perl.data.vocabulary_config) returns."""
+  """The vocabulary of one choice (`task_vocabulary` builds gin's)."""
   if kind == "byte":
     return byte_vocabulary()
   if path is None:
@@ -182,14 +192,6 @@ def token_text_of(vocab: seqio.Vocabulary, token_id: int) -> Optional[str]:
     vocab = vocab.resolved
   if isinstance(vocab, HuggingFaceVocabulary):
     return vocab.tokenizer.id_to_token(token_id)
-  return None
-
-
-def configured_tokenizer_path() -> Optional[str]:
-  """The tokenizer directory/file gin gives the task vocabulary, if any."""
-  vocab = task_vocabulary()
-  if isinstance(vocab, HuggingFaceVocabulary):
-    return vocab.path
   return None
 
 

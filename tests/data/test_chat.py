@@ -105,8 +105,8 @@ def chat_task(tokenizer_dir):
   common.register_task(name, kind=common.PREFERENCE, splits=["train"],
                        records_fn=lambda split: iter(records), vocabulary=vocab)
   with gin.unlock_config():
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.kind", "huggingface")
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.path", path)
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.kind", "huggingface")
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.path", path)
   yield flavour, name, hf
   gin.clear_config()
 
@@ -201,8 +201,8 @@ def test_trl_conversational_rows_are_rendered_by_the_template(tokenizer_dir, tmp
   implicit = {"chosen": PROMPT + chosen, "rejected": PROMPT + rejected}
   train = _write_jsonl(tmp_path / "train.jsonl", [explicit, implicit])
   with gin.unlock_config():
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.kind", "huggingface")
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.path", path)
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.kind", "huggingface")
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.path", path)
     gin.bind_parameter("perl.data.chat.rendering.kind", "chat_template")
     gin.bind_parameter("tasks.trl_format.data_files.files", {"train": train})
   try:

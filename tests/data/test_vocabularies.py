@@ -66,11 +66,11 @@ def test_task_vocabulary_is_chosen_by_gin(tokenizer_json):
   import gin
 
   with gin.unlock_config():
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.kind",
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.kind",
                        "huggingface")
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.path",
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.path",
                        tokenizer_json)
-    gin.bind_parameter("perl.data.vocabularies.task_vocabulary.eos_token",
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.eos_token",
                        "</s>")
   try:
     configured = vocabularies.ConfiguredVocabulary()
@@ -125,3 +125,21 @@ def test_bos_must_match_the_checkpoint(tmp_path, tokenizer_json):
   # add_bos=False: a model trained without BOS gets none.
   assert vocabularies.task_vocabulary(kind="huggingface", path=str(tmp_path),
                                       add_bos=False).bos_id is None
+
+
+def test_configured_tokenizer_path_reads_the_gin_choice(tmp_path):
+  import gin
+
+  from perl.data import vocabulary_config
+
+  assert vocabulary_config.configured_tokenizer_path() is None  # bytes
+  with gin.unlock_config():
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.kind",
+                       "huggingface")
+    gin.bind_parameter("perl.data.vocabulary_config.task_vocabulary.path",
+                       str(tmp_path))
+  try:
+    assert vocabulary_config.configured_tokenizer_path() == str(
+        tmp_path / "tokenizer.json")
+  finally:
+    gin.clear_config()
