@@ -20,13 +20,12 @@ import seqio
 import tensorflow as tf
 from absl import logging
 
-from perl.data import chat, preprocessors, report, vocabularies
 from perl.data import registry
 from perl.data.registry import (  # noqa: F401  (the names tasks use)
     EOS_FIELDS, KINDS, POINTWISE, PREFERENCE, PROMPTS, RECORDS, SFT,
     TEXT_FIELDS, TaskRecords, kind_of, output_features, pop_reader_error,
     register_mixture)
-
+from perl.data import chat, preprocessors, readers, report, vocabularies
 
 @gin.configurable(module="tasks.common")
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +104,7 @@ def generator_source(
 
     records = records_fn(split)
     if template is not None:  # rendered first, so the checks see the text
-      records = (chat.render_record(r, TEXT_FIELDS[kind], template,
-                                    eos_text=eos_text) for r in records)
+      records = rendered(records, kind, template, eos_text=eos_text, scope=scope)
     # The split is read into memory once, as tensors: a tf.data source whose
     # iterator position can be checkpointed (a Python generator's cannot),
     # so a resumed run restores its input position instead of replaying it.
@@ -124,6 +122,25 @@ def generator_source(
         for k, v in columns.items()})
 
   return seqio.FunctionDataSource(dataset_fn, splits=list(splits))
+
+
+# Optional record key: where the record came from ("file:line"), for errors.
+WHERE = "where"
+
+
+def rendered(records: Iterable[dict], kind: str, template: chat.ChatTemplate, *,
+             eos_text: Optional[str], scope: str) -> Iterator[dict]:
+  """Records rendered by `template`; a conversation the template cannot
+  render is a malformed row (`perl.data.readers.bad_row_policy`), named by the
+  record's `WHERE` (else its index in the split)."""
+  for index, record in enumerate(records, start=1):
+    where = record.get(WHERE) or f"{scope} record {index}"
+    out = readers.parse_or_bad_row(
+        where, lambda r=record: chat.render_record(r, TEXT_FIELDS[kind], template,
+                                                   eos_text=eos_text),
+        scope=scope)
+    if out is not None:
+      yield out
 
 
 def _eos_text(vocabulary: seqio.Vocabulary | None) -> str | None:

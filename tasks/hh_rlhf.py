@@ -8,6 +8,12 @@ harmless-base test): the prompt is the longest common prefix of the two
 transcripts that ends in "\\n\\nAssistant:", and each response is the rest of
 its transcript (it may then hold further turns). Such pairs are counted as
 "prompt_mismatch"; a pair with no common "\\n\\nAssistant:" is a malformed row.
+
+With perl.data.chat.rendering.kind='chat_template' the prompt's turns become
+`prompt_messages` and each response's turns `chosen_messages` /
+`rejected_messages` (an assistant turn, then any further turns); the template
+renders them as `perl.data.chat` describes (runs of one role merged), and a
+conversation the template rejects is a malformed row named by file and line.
 """
 from __future__ import annotations
 
@@ -64,11 +70,14 @@ def pairs(subset: str, split: str) -> Iterator[dict]:
     if differed:
       report.count(scope, "prompt_mismatch")
     pair = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    if as_chat:
+    if as_chat:  # a reply may hold further turns (see the module doc)
+      pair[common.WHERE] = where  # names the row if the template fails on it
       pair["prompt_messages"] = readers.parse_or_bad_row(
           where, lambda: chat.hh_messages(prompt), scope=scope)
       if pair["prompt_messages"] is None:
         continue
+      pair["chosen_messages"] = chat.hh_reply_messages(chosen)
+      pair["rejected_messages"] = chat.hh_reply_messages(rejected)
     yield pair
 
 
@@ -95,7 +104,9 @@ def register(vocabulary: Optional[object] = None) -> None:
         vocabulary=vocabulary,
         records_fn=lambda split, s=subset: (
             {"inputs": p["prompt"], "targets": p["chosen"],
-             **({"prompt_messages": p["prompt_messages"]}
+             **({"prompt_messages": p["prompt_messages"],
+                 "targets_messages": p["chosen_messages"],
+                 common.WHERE: p[common.WHERE]}
                 if "prompt_messages" in p else {})}
             for p in pairs(s, split)),
         preflight=lambda split, s=subset: check_files(s, split))
@@ -103,6 +114,7 @@ def register(vocabulary: Optional[object] = None) -> None:
         task_name(subset, common.PROMPTS), kind=common.PROMPTS, splits=SPLITS,
         vocabulary=vocabulary,
         records_fn=lambda split, s=subset: (
-            {k: v for k, v in p.items() if k in ("prompt", "prompt_messages")}
+            {k: v for k, v in p.items()
+             if k in ("prompt", "prompt_messages", common.WHERE)}
             for p in pairs(s, split)),
         preflight=lambda split, s=subset: check_files(s, split))

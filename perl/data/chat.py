@@ -9,7 +9,26 @@ one assistant turn); gin picks how they become text (`rendering`):
 A response is the text the full conversation adds after the prompt rendered
 with `add_generation_prompt=True` (TRL's convention), minus the template's
 closing end-of-turn token: the pipeline appends the vocabulary's EOS, which
-is set to that token, so the ids equal `apply_chat_template`'s.
+is set to that token, so the ids equal `apply_chat_template`'s. That is, for
+prompt turns P and reply turns R (after the merging below):
+  prompt ids            = apply_chat_template(P, add_generation_prompt=True)
+  prompt + response ids = apply_chat_template(P + R), through R's closing
+                          end-of-turn token (what follows it, such as
+                          Qwen's newline, the model never has to produce).
+
+The conversation is normalised first, the same way for every template:
+  - text given as a string (a task's prompt or response text) becomes one
+    turn with surrounding whitespace stripped: the space or newline that
+    joins raw prompt and response text is layout the template replaces
+    (Llama 3 and Gemma trim contents themselves; Qwen 2.5 does not).
+  - consecutive turns of one role are merged into one turn, their contents
+    joined by a blank line ("\n\n", the separator of HH transcripts), so a
+    template that requires alternating roles (Gemma) renders them;
+  - when the prompt's last turn and the reply's first are both assistant
+    turns, they are one reply: that prompt turn moves into the response.
+Whatever the template raises for a conversation (Gemma: a system turn, a
+first turn that is not the user's) is a ChatTemplateError, a ValueError that
+the readers' bad-row policy reports with the row it came from.
 
 The Jinja environment mirrors transformers' (sandboxed, trim_blocks,
 lstrip_blocks, loopcontrols, `raise_exception`, a `tojson` that does not
@@ -56,6 +75,10 @@ def read_tokenizer_config(path: str) -> dict[str, Any]:
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{config_path} is not valid JSON ({e}); re-download the "
                      "tokenizer files.") from None
+
+
+class ChatTemplateError(ValueError):
+  """A chat template cannot render one conversation (a bad row, not a bad template)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,6 +138,18 @@ class ChatTemplate:
         if (text := token_text(config.get(key))) is not None)
     return cls(template=template, special_tokens=specials, source=path)
 
+  def check(self) -> "ChatTemplate":
+    """Compiles the template now, so a syntax error is one error before any row."""
+    import jinja2  # pylint: disable=g-import-not-at-top
+    try:
+      _compile(self.template)
+    except jinja2.exceptions.TemplateError as e:
+      raise ValueError(f"The chat template of {self.source} is not valid Jinja "
+                       f"({type(e).__name__}: {e}). Fix: use the template from "
+                       "the model's tokenizer_config.json, or rendering='raw'."
+                       ) from None
+    return self
+
   def render(self, messages: Sequence[Message], *,
              add_generation_prompt: bool = False) -> str:
     for i, m in enumerate(messages):
@@ -123,16 +158,24 @@ class ChatTemplate:
         raise ValueError(
             f"message {i} of a conversation is {m!r}: each message needs a "
             f"'role' in {ROLES} and a string 'content'.")
-    return _compile(self.template).render(
-        messages=[dict(m) for m in messages],
-        add_generation_prompt=add_generation_prompt,
-        **dict(self.special_tokens))
+    import jinja2  # pylint: disable=g-import-not-at-top
+    try:
+      return _compile(self.template).render(
+          messages=[dict(m) for m in messages],
+          add_generation_prompt=add_generation_prompt,
+          **dict(self.special_tokens))
+    except jinja2.exceptions.TemplateError as e:
+      roles = "/".join(m["role"] for m in messages)
+      raise ChatTemplateError(
+          f"the chat template of {self.source} cannot render this "
+          f"conversation (roles {roles}): {e}") from None
 
   def split(self, prompt: Sequence[Message], response: Sequence[Message], *,
             eos_text: Optional[str]) -> tuple[str, str]:
     """(prompt text, response text) of one exchange; see the module doc."""
+    prompt, response = exchange(prompt, response)
     head = self.render(prompt, add_generation_prompt=True)
-    full = self.render(list(prompt) + list(response))
+    full = self.render(prompt + response)
     if not full.startswith(head):
       raise ValueError(
           f"The chat template of {self.source} does not render the prompt as a "
@@ -166,10 +209,46 @@ def rendering(kind: str = RAW, tokenizer: Optional[str] = None) -> Optional[Chat
         "rendering kind='chat_template' needs a tokenizer with a chat template:"
         " set perl.data.vocabulary_config.task_vocabulary.path (or "
         "perl.data.chat.rendering.tokenizer) to the model's tokenizer directory.")
-  return ChatTemplate.from_pretrained(tokenizer)
+  return ChatTemplate.from_pretrained(tokenizer).check()
+
+
+# Joins the contents of consecutive same-role turns (HH's own turn separator).
+TURN_SEPARATOR = "\n\n"
+
+
+def merge_turns(messages: Sequence[Message]) -> list[dict[str, str]]:
+  """`messages` with each run of one role merged into one turn ("\n\n"-joined)."""
+  merged: list[dict[str, str]] = []
+  for m in messages:
+    if merged and isinstance(m, Mapping) and m.get("role") == merged[-1].get("role") \
+        and isinstance(m.get("content"), str) \
+        and isinstance(merged[-1].get("content"), str):
+      merged[-1] = {**merged[-1],
+                    "content": merged[-1]["content"] + TURN_SEPARATOR + m["content"]}
+    else:
+      merged.append(dict(m) if isinstance(m, Mapping) else m)
+  return merged
+
+
+def exchange(prompt: Sequence[Message], response: Sequence[Message]
+             ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+  """(prompt turns, reply turns) as rendered; see the module doc."""
+  prompt, response = merge_turns(prompt), merge_turns(response)
+  if prompt and response and prompt[-1].get("role") == "assistant" \
+      and response[0].get("role") == "assistant":
+    response = merge_turns(prompt[-1:] + response)
+    prompt = prompt[:-1]
+  return prompt, response
 
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_turns(text: str) -> list[dict[str, str]]:
+  parts = _HH_TURN.split(text)
+  return [{"role": "user" if role == "Human" else "assistant",
+           "content": content.strip()}
+          for role, content in zip(parts[1::2], parts[2::2])]
 
 
 def hh_messages(transcript: str) -> list[dict[str, str]]:
@@ -180,11 +259,7 @@ def hh_messages(transcript: str) -> list[dict[str, str]]:
   """
   text = transcript if transcript.startswith("\n\n") else "\n\n" + transcript
   text = re.sub(r"\n\nAssistant:\s*$", "\n\nAssistant: ", text)
-  parts = _HH_TURN.split(text)
-  messages = []
-  for role, content in zip(parts[1::2], parts[2::2]):
-    messages.append({"role": "user" if role == "Human" else "assistant",
-                     "content": content.strip()})
+  messages = _hh_turns(text)
   if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
     messages.pop()
   if not messages:
@@ -192,10 +267,16 @@ def hh_messages(transcript: str) -> list[dict[str, str]]:
   return messages
 
 
+def hh_reply_messages(reply: str) -> list[dict[str, str]]:
+  """The reply part of an HH transcript (the text after a prompt's final
+  "\n\nAssistant:") as messages: an assistant turn, then any further turns."""
+  return _hh_turns("\n\nAssistant: " + reply)
+
+
 def as_messages(value: Any, role: str) -> list[dict[str, str]]:
-  """A message list as given, or plain text as one message of `role`."""
+  """A message list as given, or plain text as one stripped message of `role`."""
   if isinstance(value, str):
-    return [{"role": role, "content": value}]
+    return [{"role": role, "content": value.strip()}]
   return [dict(m) for m in value]
 
 
@@ -204,8 +285,10 @@ def render_record(record: Mapping[str, Any], fields: Sequence[str],
   """The text fields of one record rendered with `template`.
 
   The prompt is `record["prompt_messages"]` when the task gives it, else the
-  prompt text as one user turn; each response field is one assistant turn
-  (or its own message list).
+  prompt text as one user turn; each response field is
+  `record[f"{field}_messages"]` when the task gives it, else its text as one
+  assistant turn (or its own message list). Raises ChatTemplateError (a
+  ValueError) when the template cannot render the conversation.
   """
   prompt_key = "prompt" if "prompt" in fields else "inputs"
   prompt = record.get("prompt_messages") or as_messages(record[prompt_key], "user")
@@ -214,8 +297,9 @@ def render_record(record: Mapping[str, Any], fields: Sequence[str],
   for field in fields:
     if field == prompt_key:
       continue
-    head, out[field] = template.split(
-        prompt, as_messages(record[field], "assistant"), eos_text=eos_text)
+    reply = record.get(f"{field}_messages") or as_messages(record[field],
+                                                           "assistant")
+    head, out[field] = template.split(prompt, reply, eos_text=eos_text)
   out[prompt_key] = head if head is not None else template.render(
-      prompt, add_generation_prompt=True)
+      merge_turns(prompt), add_generation_prompt=True)
   return out

@@ -287,3 +287,52 @@ def test_trl_rows_from_a_datasets_save_to_disk_folder(tmp_path):
   assert len(examples) == 4
   byte = vocabularies.byte_vocabulary()
   assert _real(examples[3], "chosen") == byte.encode("order 3: yes") + [1]
+
+
+def test_runs_of_one_role_are_merged_and_a_split_reply_rejoined():
+  template = chat.ChatTemplate(template=QWEN_TEMPLATE)
+  prompt = [{"role": "user", "content": "Tea?"},
+            {"role": "assistant", "content": "Hot or iced?"},
+            {"role": "assistant", "content": "We have both."},
+            {"role": "user", "content": "Iced."}]
+  head, reply = template.split(prompt, [{"role": "assistant", "content": "Done."}],
+                               eos_text="<|im_end|>")
+  assert "<|im_start|>assistant\nHot or iced?\n\nWe have both.<|im_end|>\n" in head
+  assert head.count("<|im_start|>assistant") == 2 and reply == "Done."
+  # A prompt that ends in an assistant turn: that turn opens the reply.
+  head, reply = template.split(prompt[:3], [{"role": "assistant", "content": "Ok."}],
+                               eos_text="<|im_end|>")
+  assert head.endswith("<|im_start|>user\nTea?<|im_end|>\n<|im_start|>assistant\n")
+  assert reply == "Hot or iced?\n\nWe have both.\n\nOk."
+
+
+def test_text_turns_are_stripped_for_every_template():
+  """Qwen's template keeps a content's spaces: the raw-text joiner must go."""
+  template = chat.ChatTemplate(template=QWEN_TEMPLATE)
+  record = {"prompt": "Tea?\n", "chosen": " Iced.", "rejected": "\nHot. "}
+  out = chat.render_record(record, ("prompt", "chosen", "rejected"), template,
+                           eos_text="<|im_end|>")
+  assert out["prompt"].endswith("<|im_start|>user\nTea?<|im_end|>\n"
+                                "<|im_start|>assistant\n")
+  assert (out["chosen"], out["rejected"]) == ("Iced.", "Hot.")
+
+
+def test_hh_replies_with_further_turns_become_messages():
+  assert chat.hh_reply_messages(" Sure.\n\nHuman: Large.\n\nAssistant:  Ok. ") == [
+      {"role": "assistant", "content": "Sure."},
+      {"role": "user", "content": "Large."},
+      {"role": "assistant", "content": "Ok."}]
+  assert chat.hh_reply_messages(" ") == [{"role": "assistant", "content": ""}]
+
+
+def test_template_errors_are_one_value_error_naming_the_template(tmp_path):
+  path = tmp_path / "bad.jinja"
+  path.write_text("{% for m in messages %}{{ m['content'] }")
+  with pytest.raises(ValueError, match="bad.jinja is not valid Jinja"):
+    chat.ChatTemplate.from_pretrained(str(path)).check()
+  strict = chat.ChatTemplate(template="{{ raise_exception('no ' + messages[0]"
+                                      "['role']) }}", source="strict.jinja")
+  with pytest.raises(chat.ChatTemplateError,
+                     match=r"strict.jinja cannot render .*\(roles system\): no system"):
+    strict.render([{"role": "system", "content": "x"}])
+  assert issubclass(chat.ChatTemplateError, ValueError)  # the bad-row policy's
