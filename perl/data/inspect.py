@@ -10,13 +10,18 @@ Leakage, per pair of splits (train vs validation, train vs test, validation
 vs test): how many distinct held-out prompts, and prompt+response pairs, also
 occur in the other split exactly or as a prefix of one of its prompts (a
 dialog context that continues in train), and how many held-out prompts
-extend one of its prompts. Computed on the text, before tokenization.
+extend one of its prompts. Beside them, a turn-level measure: the share of
+distinct held-out dialog turns (lines of the prompts and responses, such as
+"user: one latte") that are also turns in the other split; a shared opening
+line makes every prompt share a prefix, while turns show what else recurs.
+Computed on the text, before tokenization.
 """
 from __future__ import annotations
 
 import argparse
 import bisect
 import itertools
+import re
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -106,10 +111,29 @@ def _extends_any(text: str, members: Set[str], ends: Set[str],
              and text[:length] in members for length in lengths)
 
 
+_CUE = re.compile(r"\w+:")  # a speaker name alone: the cue for the reply
+
+
+def dialog_turns(prompts: Iterable[str], pairs: Iterable[Tuple[str, str]]
+                 ) -> Set[str]:
+  """Distinct turns (non-blank lines, stripped) of the prompts and of the
+  prompt+response texts, less bare speaker cues such as "agent:"."""
+  turns: Set[str] = set()
+  texts = itertools.chain(prompts, (p + r for p, r in pairs))
+  for text in texts:
+    turns.update(line.strip() for line in text.splitlines())
+  return {t for t in turns if t and not _CUE.fullmatch(t)}
+
+
 def leakage(prompts_a: Iterable[str], pairs_a: Iterable[Tuple[str, str]],
             prompts_b: Iterable[str], pairs_b: Iterable[Tuple[str, str]]
             ) -> Dict[str, int]:
-  """How much of split b (held out) also occurs in split a, distinct rows."""
+  """How much of split b (held out) also occurs in split a, distinct rows
+  and distinct dialog turns."""
+  prompts_a, pairs_a = list(prompts_a), list(pairs_a)
+  prompts_b, pairs_b = list(prompts_b), list(pairs_b)
+  train_turns = dialog_turns(prompts_a, pairs_a)
+  eval_turns = dialog_turns(prompts_b, pairs_b)
   train_prompts = set(prompts_a)
   ordered = sorted(train_prompts)
   train_pairs = set(pairs_a)
@@ -128,6 +152,8 @@ def leakage(prompts_a: Iterable[str], pairs_a: Iterable[Tuple[str, str]],
       "pair_in_train": sum(p in train_pairs for p in eval_pairs),
       "pair_prefix_of_train_prompt": sum(
           _is_prefix_of_any(p + r, ordered) for p, r in eval_pairs),
+      "eval_turns": len(eval_turns),
+      "turn_in_train": len(eval_turns & train_turns),
   }
 
 
@@ -165,6 +191,10 @@ def inspect(*, task: str, split: str, num_examples: int = 3,
   if with_leakage:
     for (a, b), counts in leakage_report(task).items():
       lines.append(f"leakage {b} in {a}: {dict(counts)}")
+      share = counts["turn_in_train"] / max(counts["eval_turns"], 1)
+      lines.append(f"turn overlap {b} in {a}: {counts['turn_in_train']} of "
+                   f"{counts['eval_turns']} distinct {b} turns ({share:.1%}) "
+                   f"are also turns in {a}")
   return "\n".join(lines + shown)
 
 

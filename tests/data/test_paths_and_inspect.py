@@ -57,7 +57,24 @@ def test_leakage_counts_exact_and_prefix_overlap():
       # "c: x\nb:" and "a: hi\nb:" start longer held-out prompts.
       "train_prompt_prefix_of_prompt": 2,
       "eval_pairs": 3, "pair_in_train": 1,
-      "pair_prefix_of_train_prompt": 1}  # "a: hi\nb: yo" continues in train
+      "pair_prefix_of_train_prompt": 1,  # "a: hi\nb: yo" continues in train
+      # Held-out turns: "a: hi", "b: yo", "a: tea?"... less the cue "b:":
+      # {a: hi, c: x, b: y, a: z, d: new, b: q, b: yo}; train has 4 of them.
+      "eval_turns": 7, "turn_in_train": 4}
+
+
+def test_turn_overlap_sees_through_a_shared_opening():
+  greeting = "agent: Welcome, what can I get you?\n"
+  train = [greeting + "user: one latte\nagent:",
+           greeting + "user: a tea\nagent: sure\nuser: thanks\nagent:"]
+  held = [greeting + "user: two mochas\nagent:",
+          greeting + "user: a tea\nagent:"]
+  counts = inspect.leakage(train, [], held, [(held[0], " right away")])
+  # Every held-out prompt starts with a train prompt's greeting line, but
+  # of 4 distinct held-out turns only the greeting and "user: a tea" recur.
+  assert counts["eval_turns"] == 4 and counts["turn_in_train"] == 2
+  assert inspect.dialog_turns(held[:1], []) == {
+      "agent: Welcome, what can I get you?", "user: two mochas"}
 
 
 def test_inspect_reports_zero_synthetic_leakage(monkeypatch, capsys):
@@ -69,16 +86,34 @@ def test_inspect_reports_zero_synthetic_leakage(monkeypatch, capsys):
   inspect.main(["--task=synthetic_preference", "--num_examples=0"])
   out = capsys.readouterr().out
   leak_lines = [line for line in out.splitlines() if line.startswith("leakage")]
+  turn_lines = [line for line in out.splitlines()
+                if line.startswith("turn overlap")]
+  assert [line.split(":")[0] for line in turn_lines] == [
+      "turn overlap validation in train", "turn overlap test in train",
+      "turn overlap test in validation"]
   assert [line.split(":")[0] for line in leak_lines] == [
       "leakage validation in train", "leakage test in train",
       "leakage test in validation"]
   for line in leak_lines:
     counts = eval(line.split(": ", 1)[1])  # a printed dict of ints
     assert counts["eval_prompts"] > 100 and counts["eval_pairs"] > 300
-    assert {k: v for k, v in counts.items() if not k.startswith("eval_")} == {
+    rows = {k: v for k, v in counts.items()
+            if not k.startswith("eval_") and "turn" not in k}
+    assert rows == {
         "prompt_in_train": 0, "prompt_prefix_of_train_prompt": 0,
         "train_prompt_prefix_of_prompt": 0, "pair_in_train": 0,
         "pair_prefix_of_train_prompt": 0}, line
+    # Held-out prompts are new orders, but replies ("confirm: 1 latte")
+    # recur across splits: turns overlap where prompts do not.
+    assert 0 < counts["turn_in_train"] < counts["eval_turns"], line
+  for leak, turns in zip(leak_lines, turn_lines):
+    counts = eval(leak.split(": ", 1)[1])
+    held, _, train = leak.split(":")[0].split()[1:]
+    share = counts["turn_in_train"] / counts["eval_turns"]
+    assert turns == (
+        f"turn overlap {held} in {train}: {counts['turn_in_train']} of "
+        f"{counts['eval_turns']} distinct {held} turns ({share:.1%}) are also "
+        f"turns in {train}")
 
 
 def test_using_data_dir_wins_inside_the_block_and_thread_only(monkeypatch,
