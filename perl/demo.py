@@ -10,8 +10,8 @@ model's held-out accuracy against the ground truth, the ground-truth reward of
 the SFT policy and of the RL policy (mean ± std over --seeds RL runs), the KL
 to the SFT anchor, and where the logs are; WORKDIR/summary.png plots the
 ground-truth reward and KL over the RL steps and the reward model's accuracy
-(perl.plotting.demo_summary; `python -m perl.plotting summary WORKDIR`
-redraws it from the logs).
+(perl.reporting.plots.demo_summary; `python -m perl.reporting.plots summary
+WORKDIR` redraws it from the logs).
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   truth_sft = [r["eval/ground_truth_reward_sft"] for r in rl_results]
   kl = [r["eval/kl"] for r in rl_results]
   win = [r["eval/win_rate"] for r in rl_results]
-  from perl import plotting  # pylint: disable=g-import-not-at-top
-  summary_png = plotting.demo_summary(workdir, policy_dirs=rl_dirs)
+  from perl.reporting import plots  # pylint: disable=g-import-not-at-top
+  plots.use_file_backend()
+  summary_png = plots.demo_summary(workdir, policy_dirs=rl_dirs)
   rows = [
       ("reward model held-out accuracy (vs truth)", f"{rm_accuracy:.3f}"),
       ("ground-truth reward, SFT policy", _mean_std(truth_sft)),

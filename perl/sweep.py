@@ -10,7 +10,7 @@ The gin file names the sweep (`perl.sweep.Sweep.macro` and `.values`); each
 value v runs the same file with `MACRO = v` into WORKDIR/<macro>_<v>
 (in-process, like perl.demo, so TensorFlow/JAX start once). Runs resume from
 their MODEL_DIRs. It ends with one line per run and, with --plot, the
-KL–reward frontier (perl.plotting) of the runs.
+KL–reward frontier (perl.reporting.plots) of the runs.
 """
 
 from __future__ import annotations
@@ -112,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         f"{k} {v:.3f}" for k, v in r.items()
         if k.startswith("eval/") and isinstance(v, float)))
   if args.plot:
-    from perl import plotting  # pylint: disable=g-import-not-at-top
-    plotting.main(["frontier", *results, f"--out={args.plot}"])
+    from perl.reporting import plots  # pylint: disable=g-import-not-at-top
+    plots.main(["frontier", *results, f"--out={args.plot}"])
   return results
 
 

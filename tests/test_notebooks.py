@@ -170,7 +170,13 @@ def test_rl_analysis_notebook(tiny_runs):
 
 
 def test_efficiency_notebook():
+  """Draws the committed benchmarks/results/tpu_aot.json rows."""
   outputs = _execute(os.path.join(ROOT, "notebooks", "efficiency.ipynb"), {})
   text = _text(outputs)
   assert _figures(outputs) >= 3
-  assert "command `python benchmarks/rl_memory.py --jax_backend=cpu`" in text
+  assert ("from benchmarks/results/tpu_aot.json, command "
+          "`python benchmarks/tpu_aot.py`") in text
+  # v5e 1B: 2.58 / 4.85 GiB; micro-batched 0.83 / 3.70; Hydra 1.99 / 7.64.
+  assert "v5e 1b (v5e:2x2): LoRA / full 0.532, micro-batched LoRA / leanest full 0.225" in text
+  assert "v5e 1b: Hydra / full separate 0.261" in text
+  assert "v5e 7b batch 256: does not fit (RESOURCE_EXHAUSTED" in text

@@ -1,17 +1,18 @@
-"""The README's "Starting from a pretrained checkpoint" command, as written.
+"""The pretrained-checkpoint run (README "Starting from a pretrained checkpoint").
 
-The test builds what the user would have downloaded: a Hugging Face Llama
-checkpoint directory of Llama 3.2's layout (vocab 128,256, tied embeddings,
-llama3 RoPE scaling) with a tokenizer of Llama 3's special tokens, at tiny
-widths, and HH files in the upstream layout. It then runs the README's
-command with $HOME pointed at a temporary directory and only the sizes
-turned down (widths, steps, batch, lengths, CPU).
+The command is the experiment configs/experiments/hh_reward_model_llama3_2_1b.gin
+with the checkpoint, tokenizer and MODEL_DIR the README names. The test
+builds what the user would have downloaded: a Hugging Face Llama checkpoint
+directory of Llama 3.2's layout (vocab 128,256, tied embeddings, llama3 RoPE
+scaling) with a tokenizer of Llama 3's special tokens, at tiny widths, and
+HH files in the upstream layout. It then runs that command with $HOME
+pointed at a temporary directory and only the sizes turned down (widths,
+steps, batch, lengths, CPU).
 """
 
 import gzip
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -30,15 +31,13 @@ SUBSETS = ("harmless-base", "helpful-base", "helpful-online",
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
 
 
-def readme_command() -> list[str]:
-  with open(os.path.join(ROOT, "README.md")) as f:
-    text = f.read()
-  section = text[text.index("## Starting from a pretrained checkpoint"):]
-  block = section[section.index("```bash"):]
-  block = block[:block.index("```", 3)]
-  command = re.search(r"^python -m perl\.main.*?(?<!\\)$", block,
-                      re.MULTILINE | re.DOTALL).group(0)
-  return shlex.split(command.replace("\\\n", " "))
+EXPERIMENT = "experiments/hh_reward_model_llama3_2_1b.gin"
+# What a user types after downloading the checkpoint (README, and the
+# experiment's own header).
+COMMAND = (f"python -m perl.main --gin_file={EXPERIMENT} "
+           "--gin.BASE_CHECKPOINT=$HOME/ckpt/llama3_2_1b "
+           "--gin.TOKENIZER=$HOME/ckpt/llama3_2_1b "
+           "--gin.MODEL_DIR=$HOME/runs/rm --jax_backend=tpu")
 
 
 def _transcript(i, reply):
@@ -89,7 +88,7 @@ def _write_checkpoint(path, *, bos_token_id=None):
 
 
 def _run(tmp_path, home):
-  args = readme_command()
+  args = shlex.split(COMMAND)
   assert args[:3] == ["python", "-m", "perl.main"]
   args = [a.replace("$HOME", str(home)) for a in args[3:]]
   args = [a for a in args if not a.startswith("--jax_backend")]
@@ -128,6 +127,9 @@ def test_readme_pretrained_command_runs_as_written(data):
   assert peft_config["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
   config_gin = (model_dir / "config.gin").read_text()
   assert "kind = 'huggingface'" in config_gin
+  # The experiment's own settings reached the run.
+  assert "MIXTURE_OR_TASK_NAME = 'hh_rlhf_preference'" in config_gin
+  assert "PACK_PAIRS = True" in config_gin and "MESH = 'fsdp=-1'" in config_gin
 
 
 def test_a_tokenizer_that_does_not_match_the_checkpoint_is_one_error(data):

@@ -1,13 +1,13 @@
 r"""Load a finished run from its MODEL_DIR and look at what it learned.
 
-    from perl import analysis
+    from perl.reporting import analysis
     rm = analysis.score_reward_model("runs/demo/reward_model")   # held-out scores
     samples = analysis.sample_policies("runs/demo/policy_seed0")  # SFT vs RL
 
 Both read the run's own MODEL_DIR/config.gin (task, feature lengths, model
 architecture, sampling settings) and its merged export/ (what the next stage
 loads), so they score and sample exactly the model the run trained, on its
-held-out split. For the notebooks; perl.plotting draws the results.
+held-out split. For the notebooks; perl.reporting.plots draws the results.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from perl.plotting import gin_value
-
-CONFIG_FILE = "config.gin"
+from perl.reporting.runs import CONFIG_FILE, gin_value
 
 
 def _literal(model_dir: str, name: str, default: Any = None) -> Any:

@@ -1,39 +1,35 @@
-r"""Figures from run outputs: metrics.jsonl, held-out scores, benchmark results.
+r"""Figures from run outputs (metrics.jsonl, held-out scores) and benchmark tables.
 
-    from perl import plotting
-    runs = {"β=0.05": "runs/demo/policy_seed0"}
-    fig = plotting.rl_dynamics(runs)                     # reward, truth, KL, ...
-    fig = plotting.frontier(plotting.frontier_points(runs))
-    plotting.demo_summary("runs/demo")                   # runs/demo/summary.png
+    from perl.reporting import plots, runs
+    fig = plots.rl_dynamics({"β=0.05": "runs/demo/policy_seed0"})
+    fig = plots.frontier(runs.frontier_points(runs.run_dirs("runs/beta_sweep")))
+    plots.demo_summary("runs/demo")                        # runs/demo/summary.png
 
-    python -m perl.plotting summary runs/demo
-    python -m perl.plotting frontier runs/beta_sweep --out=notebooks/figures/beta_frontier.png
+    python -m perl.reporting.plots summary runs/demo
+    python -m perl.reporting.plots frontier runs/beta_sweep --out=notebooks/figures/beta_frontier.png
 
-Everything here reads files a run wrote; nothing trains or loads a model
-(perl.analysis does that). Metrics are looked up by name with fallbacks and a
-missing one leaves its panel saying so, because trainers gain and rename
-metrics over time. matplotlib's Agg backend is forced unless a backend was
-already chosen (a notebook's inline one), so scripts and CI need no display.
+Everything here reads files a run wrote (through perl.reporting.runs);
+nothing trains or loads a model (perl.reporting.analysis does that). A
+metric a run did not log leaves its panel saying so. Importing this module
+leaves matplotlib's backend alone: a notebook keeps its inline one, and a
+script that writes files calls `use_file_backend()` (the CLI below does).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
-import re
 import sys
 from typing import Mapping, Sequence
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-if "matplotlib.pyplot" not in sys.modules and "MPLBACKEND" not in os.environ:
-  matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
-import numpy as np  # noqa: E402
+from perl.reporting.runs import (METRICS_FILE, frontier_points, pick,
+                                 read_metrics, run_dirs)
 
-METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.png"
 
 # Panel title -> metric names tried in order (the first one logged wins).
@@ -52,109 +48,13 @@ RM_PANELS = {
     "held-out AUC (pointwise)": ("eval/auc",),
 }
 
-Series = tuple[np.ndarray, np.ndarray]
 
+def use_file_backend() -> None:
+  """Draws to files (Agg) unless MPLBACKEND names a backend: for scripts and
+  CLIs, which may run with no display."""
+  if "MPLBACKEND" not in os.environ:
+    matplotlib.use("Agg")
 
-# Reading run outputs
-# ------------------------------------------------------------------------------
-
-def read_metrics(model_dir: str) -> dict[str, Series]:
-  """{"train/kl": (steps, values), ...} from MODEL_DIR/metrics.jsonl.
-
-  A resumed run may log a step twice; the last value logged for a step wins.
-  """
-  path = os.path.join(model_dir, METRICS_FILE)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(
-        f"{path} does not exist: point at the MODEL_DIR of a perl run (it "
-        f"writes {METRICS_FILE} as it trains).")
-  by_key: dict[str, dict[int, float]] = {}
-  with open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number} is not JSON ({e}); a run that was "
-                         "killed mid-write leaves a partial last line: delete "
-                         "it.") from None
-      step = int(row.pop("step"))
-      for key, value in row.items():
-        if isinstance(value, (int, float)):
-          by_key.setdefault(key, {})[step] = float(value)
-  return {key: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)]))
-          for key, d in by_key.items()}
-
-
-def pick(metrics: Mapping[str, Series], names: Sequence[str]) -> str | None:
-  """The first of `names` that the run logged, else None."""
-  return next((n for n in names if n in metrics and len(metrics[n][0])), None)
-
-
-def last(metrics: Mapping[str, Series], *names: str) -> float:
-  """The last logged value of the first of `names` present (NaN if none)."""
-  key = pick(metrics, names)
-  return float(metrics[key][1][-1]) if key else float("nan")
-
-
-def gin_value(model_dir: str, name: str) -> str | None:
-  """A macro or binding of MODEL_DIR/config.gin as text, macros resolved.
-
-  `name` is a macro ("KL_COEF") or the tail of a binding
-  ("KLControllerConfig.init_coef"). Text-level on purpose: reading it needs
-  no gin registration (no TensorFlow, no JAX).
-  """
-  path = os.path.join(model_dir, "config.gin")
-  if not os.path.isfile(path):
-    return None
-  values = {}
-  with open(path) as f:
-    for line in f:
-      m = re.match(r"^([\w./]+)\s*=\s*(.+?)\s*$", line)
-      if m:
-        values[m.group(1)] = m.group(2)
-  # Gin writes each binding under its shortest unambiguous name, which
-  # depends on what else was registered ("train.base_checkpoint" or
-  # "policy.train.base_checkpoint"): match on a dotted suffix either way.
-  found = values.get(name) or next(
-      (v for k, v in values.items()
-       if k.endswith("." + name) or name.endswith("." + k)), None)
-  seen = set()
-  while found and found.startswith("%") and found not in seen:
-    seen.add(found)
-    found = values.get(found[1:], found)
-  return found
-
-
-def kl_coef(model_dir: str) -> float | None:
-  """The run's β (KLControllerConfig.init_coef) from its config.gin."""
-  text = gin_value(model_dir, "KLControllerConfig.init_coef") or gin_value(
-      model_dir, "KL_COEF")
-  try:
-    return float(text) if text is not None else None
-  except ValueError:
-    return None
-
-
-def run_dirs(pattern_or_dirs: str | Sequence[str]) -> list[str]:
-  """MODEL_DIRs (those holding metrics.jsonl) under a parent, glob or list."""
-  items = [pattern_or_dirs] if isinstance(pattern_or_dirs, str) else list(pattern_or_dirs)
-  out = []
-  for item in items:
-    for path in sorted(glob.glob(item)) or [item]:
-      if os.path.isfile(os.path.join(path, METRICS_FILE)):
-        out.append(path)
-      else:
-        out += sorted(os.path.dirname(p) for p in glob.glob(
-            os.path.join(path, "*", METRICS_FILE)))
-  if not out:
-    raise FileNotFoundError(f"No run ({METRICS_FILE}) in or under {items}.")
-  return out
-
-
-# Figures
-# ------------------------------------------------------------------------------
 
 def _grid(n: int, *, cols: int = 3, size=(4.2, 3.0)):
   cols = min(cols, n)
@@ -198,25 +98,6 @@ def rl_dynamics(runs: Mapping[str, str]) -> plt.Figure:
 
 def reward_model_curves(runs: Mapping[str, str]) -> plt.Figure:
   return curves(runs, RM_PANELS, cols=4)
-
-
-def frontier_points(runs: Mapping[str, str] | Sequence[str]) -> list[dict]:
-  """Final held-out KL and rewards of each policy run, with its β."""
-  if not isinstance(runs, Mapping):
-    runs = {os.path.basename(os.path.normpath(d)): d for d in runs}
-  points = []
-  for label, d in runs.items():
-    m = read_metrics(d)
-    points.append({
-        "label": label, "model_dir": d, "beta": kl_coef(d),
-        "kl": last(m, "eval/kl"),
-        "ground_truth_reward": last(m, "eval/ground_truth_reward"),
-        "ground_truth_reward_sft": last(m, "eval/ground_truth_reward_sft"),
-        "reward_model_score": last(m, "eval/reward_model_score"),
-        "reward_model_score_sft": last(m, "eval/reward_model_score_sft"),
-        "win_rate": last(m, "eval/win_rate"),
-    })
-  return sorted(points, key=lambda p: (p["beta"] is None, p["beta"] or 0.0))
 
 
 def frontier(points: Sequence[Mapping], *, reward: str = "ground_truth_reward",
@@ -276,19 +157,6 @@ def score_histograms(scores: Mapping[str, np.ndarray], *, title: str = "",
   ax.legend(fontsize=8)
   fig.tight_layout()
   return fig
-
-
-def by_bins(x: np.ndarray, correct: np.ndarray, *, num_bins: int = 4) -> list[dict]:
-  """Accuracy of `correct` (bool per example) in quantile bins of `x`."""
-  x, correct = np.asarray(x, np.float64), np.asarray(correct, bool)
-  edges = np.unique(np.quantile(x, np.linspace(0, 1, num_bins + 1)))
-  rows = []
-  for i, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-    inside = (x >= lo) & ((x <= hi) if i == len(edges) - 2 else (x < hi))
-    if inside.any():
-      rows.append({"lo": float(lo), "hi": float(hi), "n": int(inside.sum()),
-                   "accuracy": float(correct[inside].mean())})
-  return rows
 
 
 def accuracy_by_length(rows: Sequence[Mapping], *, label: str = "",
@@ -385,6 +253,7 @@ def save(fig: plt.Figure, path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
+  use_file_backend()
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True)
