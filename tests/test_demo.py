@@ -2,7 +2,8 @@
 
 Run as a user runs it: a subprocess whose cwd is a fresh directory, so the
 default workdir ./runs/demo is created next to where gin resolves includes
-(a plain ./runs once broke gin's `include 'runs/...'` in the second stage).
+(a ./runs beside the configs would shadow gin's `include 'runs/...'` in
+the second stage).
 """
 import json
 import os

@@ -90,7 +90,7 @@ def test_logits_are_float32_from_the_matmul():
   # The vocabulary matmul takes bf16 operands and produces f32 directly.
   unembed = [l for l in text.splitlines() if "dot_general" in l and f"x{V}xf32>" in l]
   assert unembed and all("bf16" in l for l in unembed), unembed
-  # Never a bf16 [B, T, V] (the old dot-in-bf16-then-convert).
+  # Never a bf16 [B, T, V] (a dot in bf16, then converted to f32).
   assert f"{B}x{T - 1}x{V}xbf16" not in text
 
 

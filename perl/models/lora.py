@@ -11,8 +11,8 @@ caller names the adapter per call; `adapter=None` runs the bare base.
 The update (alpha/r)·x·A·B runs through `lora_delta`, a custom VJP: autodiff
 transposes each projection's [tokens, out] cotangent to form dB, where the
 hand-written backward contracts the saved [tokens, r] activations instead
-(benchmarks/rm_step_profile.py: 16 such transposes were 142 ms of a 2.3 s CPU
-reward-model step).
+(at benchmarks/rm_step_profile.py's peer shape, autodiff's form costs 16 such
+transposes, 142 ms of a 2.3 s CPU reward-model step).
 """
 
 from __future__ import annotations

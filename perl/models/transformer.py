@@ -119,7 +119,7 @@ def apply_rope(
   cos = jnp.cos(angles)[:, :, None, None, :]
   # (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) with the halves as an axis
   # of size 2, flipped for the rotation: no split and concatenate, whose
-  # backward (a concatenate of the halves' cotangents) was a [tokens, H·D]
+  # backward (a concatenate of the halves' cotangents) is a [tokens, H·D]
   # copy per q and k on XLA:CPU. The signed sine is a small [B, T, 1, 2, D/2]
   # table; a ±1 multiply on x instead let XLA round the adapter-on and
   # adapter-off programs differently (a fresh adapter must equal the base).
