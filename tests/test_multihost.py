@@ -10,6 +10,9 @@ multi-process CPU), exactly as hosts of a TPU pod slice or GPU nodes would.
 * When a peer dies, the survivor exits non-zero within seconds (bounded by
   --heartbeat_timeout_seconds), with JAX's error naming the dead task, and
   never hangs in a collective.
+* Evaluation over an uneven split (9 held-out rows, shards of 5 and 4) scores
+  every row once: the reward model's metrics equal a 1-process run's, the
+  policy eval's equal the exact values of its 9 prompts.
 """
 import json
 import os
@@ -42,7 +45,8 @@ def _env(num_devices: int, **extra) -> dict:
   return env
 
 
-def _rm_args(model_dir, *, steps: int, mesh: str) -> list[str]:
+def _rm_args(model_dir, *, steps: int, mesh: str,
+             eval_max_batches: int | None = 1) -> list[str]:
   """A tiny LoRA reward-model run on synthetic preference pairs."""
   return [
       '--jax_backend=cpu', '--verbosity=-1',
@@ -56,7 +60,7 @@ def _rm_args(model_dir, *, steps: int, mesh: str) -> list[str]:
       '--gin.LEARNING_RATE=0.01',
       '--gin.perl.trainers.core.OptimizerConfig.warmup_steps=0',
       f'--gin.perl.trainers.reward_model.train.mesh={mesh}',
-      '--gin.perl.trainers.reward_model.train.eval_max_batches=1',
+      f'--gin.perl.trainers.reward_model.train.eval_max_batches={eval_max_batches}',
       '--gin.perl.trainers.reward_model.train.export=False',
       '--gin.perl.trainers.reward_model.train.log_every=1',
   ]
@@ -201,3 +205,75 @@ def test_survivor_of_dead_peer_exits_nonzero_quickly(tmp_path, victim, after):
     assert 'stopped sending heartbeats' in log, log[-3000:]
   else:
     assert 'Failed to send RPC to coordination service' in log, log[-3000:]
+
+
+def _eval_metrics(model_dir):
+  with open(os.path.join(model_dir, 'metrics.jsonl')) as f:
+    rows = [json.loads(line) for line in f]
+  evals = [r for r in rows if 'eval/num_examples' in r]
+  assert len(evals) == 1, rows
+  return evals[0]
+
+
+@pytest.mark.parametrize('devices, mesh', [(1, 'data=2'),
+                                           (2, 'fsdp=2,model=2')])
+def test_uneven_eval_split_scores_every_row_once(tmp_path, devices, mesh):
+  """9 validation pairs, eval batch 8, 2 processes: the shards hold 5 and 4
+  pairs, so one process has two eval batches and the other one. The run
+  scores all 9 pairs once, with the metrics of a 1-process run on the same
+  devices and the same trained adapter (its train input is both shards'),
+  where 9 = 8 + 1 padded to 8."""
+  extra = ['--gin.tasks.synthetic.SyntheticConfig.num_validation=9']
+  multi, single = str(tmp_path / 'multi'), str(tmp_path / 'single')
+  port = _free_port()
+  with _Procs(str(tmp_path)) as procs:
+    for i in range(2):
+      procs.start(f'proc{i}', [
+          '-m', 'perl.main', *_rm_args(multi, steps=1, mesh=mesh,
+                                       eval_max_batches=None),
+          *extra, *_dist_args(port, i)], _env(devices))
+    procs.start('single', [DRIVER, *_rm_args(single, steps=1, mesh=mesh,
+                                             eval_max_batches=None), *extra],
+                _env(2 * devices, PERL_EMULATE_INPUT_SHARDS='2'))
+    procs.wait_all(timeout=240)
+    for name, p in procs.procs.items():
+      assert p.returncode == 0, f'{name}:\n' + procs.log(name)[-3000:]
+  a, b = _eval_metrics(multi), _eval_metrics(single)
+  assert a['eval/num_examples'] == b['eval/num_examples'] == 9
+  assert a['eval/accuracy'] == b['eval/accuracy']
+  assert 0 < b['eval/accuracy'] < 1  # a mixed outcome: a lost row would show
+  for key in ('eval/loss', 'eval/margin', 'eval/reward_chosen',
+              'eval/reward_rejected'):
+    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+
+
+POLICY_DRIVER = os.path.join(ROOT, 'tests', 'multihost_policy_eval_driver.py')
+
+
+@pytest.mark.parametrize('devices', [1, 2])
+def test_policy_eval_over_uneven_shards_scores_every_prompt_once(
+    tmp_path, devices):
+  """9 prompts over 2 processes (5 and 4 rows, eval batch 8): the policy eval
+  gathers the global rows, drops the padding and gets the exact metrics of
+  the 9 prompts (multihost_policy_eval_driver.py defines the fake policy)."""
+  out = str(tmp_path / 'metrics.json')
+  port = _free_port()
+  with _Procs(str(tmp_path)) as procs:
+    for i in range(2):
+      procs.start(f'proc{i}', [POLICY_DRIVER, out, str(port), '2', str(i)],
+                  _env(devices))
+    procs.wait_all(timeout=120)
+    for name, p in procs.procs.items():
+      assert p.returncode == 0, f'{name}:\n' + procs.log(name)[-3000:]
+  with open(out) as f:
+    result = json.load(f)
+  assert (result['process_count'], result['num_shards']) == (2, 2)
+  m = result['metrics']
+  # Prompt r's byte id is 100 + r; the policy answers it, the SFT policy 101.
+  assert m['reward_model_score'] == pytest.approx(104.0)
+  assert m['reward_model_score_sft'] == pytest.approx(101.0)
+  assert m['win_rate'] == pytest.approx(7.5 / 9)  # r >= 2 win, r == 1 ties
+  assert m['kl'] == pytest.approx(1.04)
+  assert m['ground_truth_reward'] == pytest.approx(1.0)
+  assert m['ground_truth_reward_sft'] == pytest.approx(1 / 9)
+  assert (m['eos_rate'], m['response_length']) == (0.0, 1.0)

@@ -150,7 +150,7 @@ def make_evaluate(model: HydraSftModel, trainer: core.Trainer, *, task: str,
                               with_member=True)
   return loop.row_evaluate(
       trainer.jit_eval(model.eval_outputs), batches, metrics=model.eval_metrics,
-      where=f"Eval split {split!r} of {task!r}")
+      where=f"Eval split {split!r} of {task!r}", partitioner=partitioner)
 
 
 @gin.configurable(module="perl.trainers.hydra_sft")

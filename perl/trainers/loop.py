@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from perl import checkpoints, partitioning
-from perl.trainers import core
+from perl.trainers import core, eval_rows
 from perl.trainers.metrics import MetricWriter
 from perl.utils import run_lock
 
@@ -164,9 +164,13 @@ def eval_batches(
   A mixture is read member by member, each to exhaustion (a sampled SeqIO
   mixture stops when its first member runs out), so every held-out row is
   evaluated once; with_member adds the member task's name to each batch.
-  The last, partial batch of each member is padded by repeating its last row
-  so every batch has one shape (one compilation); n_real says how many rows
-  are real. max_batches caps the batches over all members together.
+  Each process reads its shard, batch_size / num_shards rows a batch; the
+  last, partial batch is padded by repeating its last row so every batch has
+  one shape (one compilation), and n_real says how many of this process's
+  rows are real. Every process yields the same number of batches (one that
+  ran out yields padding, n_real 0: `eval_rows.lockstep`), so max_batches,
+  which caps the batches over all members together, means the same
+  everywhere; `eval_rows.valid_rows` gives the global batch's real rows.
   """
   from perl.data import pipeline  # pylint: disable=g-import-not-at-top
   index, num_shards = partitioner.data_shard_info()
@@ -180,14 +184,16 @@ def eval_batches(
           task=member, split=split, feature_lengths=feature_lengths,
           batch_size=local, shard_info=(index, num_shards), shuffle=False,
           num_epochs=1, drop_remainder=False)
-      for batch in pipeline.numpy_iterator(ds):
+
+      def padding(spec=ds.element_spec):
+        return {k: np.zeros((local, *s.shape[1:]), s.dtype.as_numpy_dtype)
+                for k, s in spec.items()}
+
+      for batch, n in eval_rows.lockstep(pipeline.numpy_iterator(ds),
+                                         rows=local, padding=padding):
         if max_batches is not None and i >= max_batches:
           return
         i += 1
-        n = len(next(iter(batch.values())))
-        if n < local:
-          batch = {k: np.concatenate([v, np.repeat(v[-1:], local - n, 0)])
-                   for k, v in batch.items()}
         yield (batch, n, member) if with_member else (batch, n)
 
   return make
@@ -198,28 +204,42 @@ def row_evaluate(
     batches: Callable[[], Iterator[tuple[dict, int]]], *,
     metrics: Callable[[dict[str, np.ndarray]], dict[str, float]],
     batch_keys: tuple[str, ...] = (), where: str = "the eval split",
+    partitioner: partitioning.Partitioner | None = None,
 ) -> Callable[[], dict[str, float]]:
   """() -> metrics(per-row outputs of `step` over one pass of `batches`).
 
-  Rows are concatenated across batches with the padding rows (beyond n_real)
-  dropped, so metrics that are not means of sums (AUC, accuracy of a score
-  comparison) are exact; `batch_keys` (e.g. labels) ride along from the batch.
-  When batches carry a member name (`eval_batches(with_member=True)`) and
-  there are several members, each member's metrics are added as
-  "{member}/{metric}" next to the combined ones.
+  `step` returns the global batch's rows (a jitted step with replicated
+  outputs); rows are concatenated across batches with the padding rows
+  dropped (`eval_rows.valid_rows`), so every held-out row counts once on any
+  number of processes and metrics that are not means of sums (AUC, accuracy
+  of a score comparison) are exact; `batch_keys` (e.g. labels) ride along
+  from the batch, gathered the same way. `partitioner` (the one `step` shards
+  batches with) is required with several processes. When batches carry a
+  member name (`eval_batches(with_member=True)`) and there are several
+  members, each member's metrics are added as "{member}/{metric}" next to
+  the combined ones.
   """
+  if partitioner is None and jax.process_count() > 1:
+    raise ValueError(f"row_evaluate over {where} on {jax.process_count()} "
+                     "processes needs partitioner= (the step's), to gather "
+                     "every process's rows.")
 
   def evaluate() -> dict[str, float]:
     outs: dict[str, list] = {}
     members: list = []
     for batch, n, *member in batches():
       out = dict(jax.device_get(step(batch)))
-      out.update({k: batch[k] for k in batch_keys if k in batch})
+      rows = len(next(iter(batch.values())))
+      ride = {k: batch[k] for k in batch_keys if k in batch}
+      ride["_valid"] = np.arange(rows) < n
+      ride = eval_rows.global_rows(partitioner, ride)
+      valid = ride.pop("_valid")
+      out.update(ride)
       for k, v in out.items():
-        outs.setdefault(k, []).append(np.asarray(v)[:n])
-      members.extend(member * n)
-    if not outs:
-      raise ValueError(f"{where} gave no batches.")
+        outs.setdefault(k, []).append(np.asarray(v)[valid])
+      members.extend(member * int(valid.sum()))
+    if not outs or not sum(len(v) for v in next(iter(outs.values()))):
+      raise ValueError(f"{where} gave no rows.")
     rows = {k: np.concatenate(v) for k, v in outs.items()}
     values = metrics(dict(rows))
     names = list(dict.fromkeys(members))

@@ -30,6 +30,7 @@ import seqio
 
 from perl import decoding
 from perl.models.hydra import POLICY
+from perl.trainers import eval_rows
 
 TruthFn = Callable[[str, str], float]
 # Sub-directory of MODEL_DIR for the decoded samples of each eval.
@@ -95,20 +96,25 @@ def make_evaluate(
       shard = trainer.partitioner.shard_batch(
           {"p": batch["prompt_tokens"], "m": batch["prompt_mask"]})
       prompt_length = batch["prompt_tokens"].shape[1]
+      # Every output is the global batch; keep its real rows, on every process.
+      valid = eval_rows.valid_rows(trainer.partitioner, n,
+                                   len(batch["prompt_tokens"]))
+      rows = lambda x: eval_rows.to_host(x)[valid]
       results = {}
       for name, adapter in (("policy", POLICY), ("sft", None)):
         out = trainer.sample(shard["p"], shard["m"], rng, config=sampling, adapter=adapter)
         tokens = jnp.concatenate([shard["p"], out.tokens], axis=1)
         seg = jnp.concatenate([shard["m"], out.mask], axis=1)
-        results[name] = (out, np.asarray(trainer.score(tokens, seg))[:n], tokens, seg)
-      out, score, tokens, seg = results["policy"]
-      _, score_sft, _, _ = results["sft"]
+        results[name] = (rows(out.tokens), rows(out.mask),
+                         rows(trainer.score(tokens, seg)), tokens, seg)
+      out_tokens, mask, score, tokens, seg = results["policy"]
+      score_sft = results["sft"][2]
       lp = trainer.logprobs(tokens, seg, prompt_length, temperature=temperature)
-      mask = np.asarray(out.mask)[:n]
-      kl = ((np.asarray(lp["policy_logp"]) - np.asarray(lp["anchor_logp"]))[:n] * mask).sum(1)
+      kl = ((rows(lp["policy_logp"]) - rows(lp["anchor_logp"])) * mask).sum(1)
       ended = mask.sum(1) < mask.shape[1]
       if sampling.eos_id is not None:
-        ended |= ((np.asarray(out.tokens)[:n] == sampling.eos_id) & (mask > 0)).any(1)
+        ended |= ((out_tokens == sampling.eos_id) & (mask > 0)).any(1)
+      n = int(valid.sum())
       part = {
           "reward_model_score": score.sum(),
           "reward_model_score_sft": score_sft.sum(),
@@ -119,10 +125,9 @@ def make_evaluate(
       }
       need_text = ground_truth is not None or len(samples) < num_samples
       if need_text:
-        prompts = decode_rows(vocabulary, batch["prompt_tokens"][:n],
-                              batch["prompt_mask"][:n], None)
-        texts = {name: decode_rows(vocabulary, np.asarray(results[name][0].tokens)[:n],
-                                   np.asarray(results[name][0].mask)[:n], sampling.eos_id)
+        prompts = decode_rows(vocabulary, rows(shard["p"]), rows(shard["m"]), None)
+        texts = {name: decode_rows(vocabulary, results[name][0], results[name][1],
+                                   sampling.eos_id)
                  for name in ("policy", "sft")}
       if ground_truth is not None:
         truth = {name: [ground_truth(p, r) for p, r in zip(prompts, texts[name])]

@@ -250,6 +250,6 @@ def make_evaluate(rm: RewardModel, trainer: core.Trainer, *, task: str,
                               with_member=True)
   return loop.row_evaluate(
       trainer.jit_eval(rm.eval_outputs), batches, batch_keys=("label",),
-      where=f"Eval split {split!r} of {task!r}",
+      where=f"Eval split {split!r} of {task!r}", partitioner=partitioner,
       metrics=lambda outs: eval_metrics(rm.kind, outs, outs.pop("label", None),
                                         rm.centering))
