@@ -327,3 +327,39 @@ def test_tm4_sft_and_reward_prompts_open_the_same_way():
       e["inputs"].split("\n", 1)[0]
       for e in taskmaster.dialog_sft_examples("taskmaster4", "all"))
   assert sft_firsts == {GREETING.rstrip("\n"): 22315}
+
+
+def _gin_value(name: str, macro: str):
+  import ast
+  import re
+
+  path = os.path.join(os.path.dirname(FIXTURES), "..", "configs",
+                      "experiments", name)
+  with open(path) as f:
+    match = re.search(rf"^{macro} = (.+)$", f.read(), re.MULTILINE)
+  return ast.literal_eval(match.group(1))
+
+
+def _p95(texts) -> int:
+  """The 95th percentile of the UTF-8 byte lengths, rounded up to 64."""
+  lengths = [len(t.encode("utf-8")) for t in texts]
+  return int(-(-np.percentile(lengths, 95) // 64) * 64)
+
+
+@real_data
+def test_tm4_experiment_lengths_are_the_95th_percentile_of_train():
+  rows = list(taskmaster.reward_examples("taskmaster4", "train"))
+  prompt, response = (_p95(e["prompt"] for e in rows),
+                      _p95(e["response"] for e in rows))
+  assert (prompt, response) == (1920, 256)
+  assert _gin_value("tm4_reward_model.gin", "TASK_FEATURE_LENGTHS") == {
+      "prompt": prompt, "response": response}
+  rl_prompts = [p["prompt"] for p in taskmaster.reward_prompts("taskmaster4",
+                                                               "train")]
+  assert _gin_value("tm4_policy.gin", "TASK_FEATURE_LENGTHS") == {
+      "prompt": _p95(rl_prompts)}
+  assert _gin_value("tm4_policy.gin", "MAX_NEW_TOKENS") == response
+  sft = list(taskmaster.dialog_sft_examples("taskmaster4", "train"))
+  assert _gin_value("tm4_sft.gin", "TASK_FEATURE_LENGTHS") == {
+      "inputs": _p95(e["inputs"] for e in sft),
+      "targets": _p95(e["targets"] for e in sft)}
