@@ -156,6 +156,7 @@ def register_task(
     vocabulary: seqio.Vocabulary,
     metric_fns: Sequence[Callable] = (),
     preflight: Optional[Callable[[str], None]] = None,
+    suggested_lengths: Optional[Mapping[str, int]] = None,
 ) -> seqio.Task:
   """Registers (idempotently) one task reading `records_fn(split)`."""
   registry.check_kind(kind)
@@ -164,4 +165,5 @@ def register_task(
       source=generator_source(name, kind, splits, records_fn, preflight,
                               vocabulary),
       vocabulary=vocabulary, metric_fns=metric_fns,
-      records=TaskRecords(kind, tuple(splits), records_fn, preflight))
+      records=TaskRecords(kind, tuple(splits), records_fn, preflight),
+      suggested_lengths=suggested_lengths)

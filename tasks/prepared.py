@@ -1,6 +1,6 @@
 """SeqIO tasks over the TFDS-prepared upstream datasets: `<task>_prepared`.
 
-    python -m perl.data.prepare --task=hh_rlhf_harmless_base_preference
+    python -m tasks.prepare --task=hh_rlhf_harmless_base_preference
     # then train/eval/inspect on hh_rlhf_harmless_base_preference_prepared
 
 Each `<task>_prepared` has the output features and preprocessors of `<task>`
@@ -61,7 +61,7 @@ def base_task(name: str) -> str:
 
 def prepare_command(task: str, data_dir: str,
                     splits: Optional[Sequence[str]] = None) -> str:
-  command = (f"python -m perl.data.prepare --task={base_task(task)} "
+  command = (f"python -m tasks.prepare --task={base_task(task)} "
              f"--data_dir={data_dir}")
   return command + (f" --splits={','.join(splits)}" if splits else "")
 

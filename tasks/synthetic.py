@@ -290,4 +290,7 @@ def register() -> None:
     common.register_task(
         f"synthetic_{kind}", kind=kind, splits=SPLITS,
         records_fn=lambda split, kind=kind: generate(kind, split),
-        vocabulary=vocabulary())
+        vocabulary=vocabulary(),
+        suggested_lengths=(SFT_FEATURE_LENGTHS if kind == common.SFT else
+                           {k: v for k, v in FEATURE_LENGTHS.items()
+                            if kind != common.PROMPTS or k == "prompt"}))

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
-from perl.data import pipeline, report
+from perl.data import pipeline, registry, report
 
 DEFAULT_LENGTHS = {
     "preference": {"prompt": 512, "response": 256},
@@ -39,13 +39,7 @@ DEFAULT_LENGTHS = {
 def parse_lengths(text: Optional[str], kind: str, task: str) -> Dict[str, int]:
   if text:
     return {k: int(v) for k, v in (p.split(":") for p in text.split(","))}
-  if task.startswith("synthetic_"):
-    from tasks import synthetic
-
-    return dict(synthetic.SFT_FEATURE_LENGTHS if kind == "sft"
-                else {k: v for k, v in synthetic.FEATURE_LENGTHS.items()
-                      if kind != "prompts" or k == "prompt"})
-  return DEFAULT_LENGTHS[kind]
+  return dict(registry.SUGGESTED_LENGTHS.get(task, DEFAULT_LENGTHS[kind]))
 
 
 def describe(example: Dict[str, np.ndarray], kind: str, vocab) -> List[str]:
@@ -80,15 +74,13 @@ def describe(example: Dict[str, np.ndarray], kind: str, vocab) -> List[str]:
 
 def split_texts(task: str, split: str) -> Tuple[List[str], List[Tuple[str, str]]]:
   """(prompts, (prompt, response) pairs) of one split, every member task."""
-  from tasks import common
-
   prompts: List[str] = []
   pairs: List[Tuple[str, str]] = []
   for member in pipeline.member_tasks(task):
     source = pipeline.get_task(member).source
     kind = pipeline.task_kind(member)
-    prompt_key = "inputs" if kind == common.SFT else "prompt"
-    response_keys = [f for f in common.TEXT_FIELDS[kind] if f != prompt_key]
+    prompt_key = "inputs" if kind == registry.SFT else "prompt"
+    response_keys = [f for f in registry.TEXT_FIELDS[kind] if f != prompt_key]
     ds = source.get_dataset(split=split, shuffle=False)
     for row in pipeline.numpy_iterator(ds):
       prompt = row[prompt_key].decode("utf-8")

@@ -88,6 +88,9 @@ class TaskRecords:
 # Every task registered with its records, by name.
 RECORDS: Dict[str, TaskRecords] = {}
 
+# Feature lengths a task suggests for tools that need some (inspect), by name.
+SUGGESTED_LENGTHS: Dict[str, Dict[str, int]] = {}
+
 # Python errors raised inside a source's generator, newest last: tf.data
 # turns them into an OpError carrying a traceback; `pipeline.numpy_iterator`
 # re-raises the original instead.
@@ -102,14 +105,19 @@ def register_task(
     name: str, *, kind: str, source: seqio.DataSource,
     vocabulary: seqio.Vocabulary, metric_fns: Sequence[Callable] = (),
     records: Optional[TaskRecords] = None,
+    suggested_lengths: Optional[Mapping[str, int]] = None,
 ) -> seqio.Task:
   """Registers (or re-registers, so importing twice is safe) one task.
 
   records: what `source` reads, for the TFDS builders that prepare it.
+  suggested_lengths: feature lengths that fit the task's rows, for tools
+  run without explicit lengths (`python -m perl.data.inspect`).
   """
   check_kind(kind)
   if records is not None:
     RECORDS[name] = records
+  if suggested_lengths is not None:
+    SUGGESTED_LENGTHS[name] = dict(suggested_lengths)
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(

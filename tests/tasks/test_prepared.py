@@ -148,7 +148,7 @@ def test_missing_preparation_is_one_error_naming_the_command(tmp_path,
                               feature_lengths={"prompt": 32, "response": 16},
                               batch_size=2))
   assert str(error.value).endswith(
-      f"Prepare it once: python -m perl.data.prepare --task={HH} "
+      f"Prepare it once: python -m tasks.prepare --task={HH} "
       f"--data_dir={tmp_path}")
   assert "\n" not in str(error.value)
 
@@ -161,7 +161,7 @@ def test_unprepared_split_names_the_command(reading):
                       feature_lengths={"prompt": 32, "response": 16})
   message = str(error.value)
   assert "split 'train' was not prepared" in message
-  assert (f"python -m perl.data.prepare --task={HH} --data_dir={reading} "
+  assert (f"python -m tasks.prepare --task={HH} --data_dir={reading} "
           "--splits=test,train --overwrite") in message
 
 

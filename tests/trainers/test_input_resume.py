@@ -84,7 +84,7 @@ def test_resume_on_a_prepared_source_seeks_without_rereading(tmp_path,
                                                               monkeypatch):
   """TM-4 pointwise prepared into ArrayRecord files (real data): the resumed
   run reads none of the rows the first run had read before it stopped."""
-  from perl.data import prepare
+  from tasks import prepare
   from tasks import prepared
   from tests.tasks.fixture_data import REAL_DATA_REASON
   import pytest

@@ -1,10 +1,10 @@
-"""`python -m perl.data.prepare`: what it prints, and that it never loses a
+"""`python -m tasks.prepare`: what it prints, and that it never loses a
 preparation already written (on the project's BOLT fixture files)."""
 import os
 
 import pytest
 
-from perl.data import prepare
+from tasks import prepare
 from tests import files
 from tests.tasks.fixture_data import FIXTURES
 

@@ -1,6 +1,6 @@
 """Prepare an upstream dataset once into sharded TFDS files.
 
-    python -m perl.data.prepare --task=hh_rlhf_harmless_base_preference \\
+    python -m tasks.prepare --task=hh_rlhf_harmless_base_preference \\
         [--data_dir=DIR] [--manual_dir=ROOT] [--file_format=array_record] \\
         [--splits=test] [--num_shards=8] [--overwrite]
 
@@ -21,6 +21,9 @@ import shutil
 import tempfile
 from typing import Dict, Optional, Sequence
 
+from perl.data import registry
+from tasks import prepared, tfds_builders
+
 FORMATS = ("array_record", "tfrecord")
 # Files per split: enough for that many hosts to read disjoint files.
 DEFAULT_NUM_SHARDS = 8
@@ -28,10 +31,7 @@ DEFAULT_NUM_SHARDS = 8
 
 def _builder(task: str, data_dir: str, file_format: Optional[str] = None,
              splits: Optional[Sequence[str]] = None):
-  from perl.data import registry  # pylint: disable=g-import-not-at-top
   registry.import_modules()  # the registrations the builders read
-  # The builders are the repository's own (tasks/); imported here, at use.
-  from tasks import prepared, tfds_builders  # pylint: disable=g-import-not-at-top
   cls, config = tfds_builders.builder_for(prepared.base_task(task))
   kwargs = {"file_format": file_format} if file_format else {}
   return cls(config=config.name, data_dir=data_dir, splits=splits, **kwargs)
@@ -39,7 +39,6 @@ def _builder(task: str, data_dir: str, file_format: Optional[str] = None,
 
 def summary(builder) -> Dict[str, dict]:
   """{split: {rows, shards, files}} of a prepared builder."""
-  from tasks import tfds_builders  # pylint: disable=g-import-not-at-top
   names = {tfds_builders.tfds_split(s): s for s in ("all",)}
   out = {}
   for tfds_split, info in sorted(builder.info.splits.items()):
@@ -58,7 +57,6 @@ def prepare(*, task: str, data_dir: Optional[str] = None,
             overwrite: bool = False) -> Dict[str, dict]:
   """Prepares `task`'s dataset; returns `summary` of what is on disk."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from tasks import prepared  # pylint: disable=g-import-not-at-top
   if file_format not in FORMATS:
     raise ValueError(f"--file_format={file_format!r}: choose one of {FORMATS}.")
   if manual_dir is not None and not (os.path.isdir(manual_dir)
@@ -103,7 +101,6 @@ def _forget_memoized(data_dir: str) -> None:
   """seqio memoizes TFDS builders by (name, dir): drop this dir's, whose
   info predates the files just written (and the open ArrayRecord readers)."""
   import seqio  # pylint: disable=g-import-not-at-top
-  from tasks import prepared  # pylint: disable=g-import-not-at-top
   prepared.forget_readers()
   memo = seqio.utils.LazyTfdsLoader._MEMOIZED_BUILDERS  # pylint: disable=protected-access
   for key in [k for k in memo if k[1] == data_dir]:
