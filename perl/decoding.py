@@ -16,6 +16,7 @@ import functools
 from typing import Any
 
 import flax.struct
+import gin
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -23,6 +24,7 @@ from flax import nnx
 from perl.models.transformer import KVCache, Transformer
 
 
+@gin.configurable(module="perl.decoding")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
   """How to pick each next token."""

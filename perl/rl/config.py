@@ -1,4 +1,4 @@
-"""RLConfig: the RL algorithm and its knobs (gin: perl.trainers.policy.RLConfig)."""
+"""RLConfig: the RL algorithm and its knobs (gin: perl.rl.config.RLConfig)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ from typing import Literal
 
 import gin
 
+from perl.rl import algorithms
 from perl.rl import kl as kl_lib
 
-ALGORITHMS = ("reinforce", "rloo", "grpo", "ppo")
 
-
-@gin.configurable(module="perl.trainers.policy")
+@gin.configurable(module="perl.rl.config")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLConfig:
   """The RL algorithm and its knobs."""
 
-  # "reinforce" (PERL: REINFORCE, learned value baseline), "rloo", "grpo", "ppo".
-  algorithm: Literal["reinforce", "rloo", "grpo", "ppo"] = "reinforce"
+  # A name registered in perl.rl.algorithms: "reinforce" (PERL: REINFORCE,
+  # learned value baseline), "rloo", "grpo", "ppo".
+  algorithm: str = "reinforce"
   # Responses sampled per prompt (RLOO and GRPO need at least 2).
   samples_per_prompt: int = 1
   # KL coefficient β: fixed (PERL: 0.05) or adaptive towards a target KL.
@@ -31,11 +31,9 @@ class RLConfig:
   kl_mode: Literal["reward", "loss"] = "reward"
   # PERL's objective (1−β)·r − β·KL; False gives r − β·KL.
   scale_reward_by_one_minus_beta: bool = True
-  # Whiten advantages over the batch. None: for REINFORCE and PPO (learned-
-  # baseline advantages) only. RLOO's are already centred per group, and
-  # whitening would shift identical samples' zero advantage and scale a
-  # batch's few informative groups by 1/std (TRL's RLOO default is off too);
-  # GRPO's are already normalised (never whitened).
+  # Whiten advantages over the batch. None: the algorithm's default (REINFORCE
+  # and PPO, whose advantages use a learned baseline; not RLOO, whose are
+  # centred per group); GRPO's are already normalised (never whitened).
   whiten_advantages: bool | None = None
   # Weight of the value loss.
   value_coef: float = 0.5
@@ -68,21 +66,25 @@ class RLConfig:
   value_from_reward: bool = True
 
   @property
+  def algo(self) -> algorithms.Algorithm:
+    """The registered algorithm this config selects."""
+    return algorithms.get(self.algorithm)
+
+  @property
   def whitens(self) -> bool:
     """Whether the update whitens advantages (whiten_advantages resolved)."""
-    if self.algorithm == "grpo":
+    if self.algo.never_whiten:
       return False
     if self.whiten_advantages is None:
-      return self.algorithm in ("reinforce", "ppo")
+      return self.algo.whiten_default
     return self.whiten_advantages
 
   def __post_init__(self):
-    if self.algorithm not in ALGORITHMS:
-      raise ValueError(f"RLConfig.algorithm={self.algorithm!r}: choose one of {ALGORITHMS}.")
-    if self.algorithm in ("rloo", "grpo") and self.samples_per_prompt < 2:
+    need = algorithms.get(self.algorithm).min_samples_per_prompt
+    if self.samples_per_prompt < need:
       raise ValueError(
           f"{self.algorithm} compares samples of the same prompt: set "
-          f"RLConfig.samples_per_prompt >= 2 (got {self.samples_per_prompt}).")
+          f"RLConfig.samples_per_prompt >= {need} (got {self.samples_per_prompt}).")
     if self.kl_estimator is not None and self.kl_estimator not in kl_lib.ESTIMATORS:
       raise ValueError(f"RLConfig.kl_estimator={self.kl_estimator!r}: choose one "
                        f"of {kl_lib.ESTIMATORS}.")
@@ -109,8 +111,18 @@ class RLConfig:
 
   @property
   def uses_value(self) -> bool:
-    return self.algorithm in ("reinforce", "ppo")
+    return self.algo.uses_value
+
+  @property
+  def epochs(self) -> int:
+    """Passes over each rollout batch."""
+    return self.algo.epochs(self)
+
+  @property
+  def minibatches(self) -> int:
+    """Updates per pass over a rollout batch."""
+    return self.algo.minibatches(self)
 
   @property
   def updates_per_rollout(self) -> int:
-    return self.ppo_epochs * self.num_minibatches if self.algorithm == "ppo" else 1
+    return self.epochs * self.minibatches

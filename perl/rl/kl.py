@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+import gin
 import jax
 import jax.numpy as jnp
 
@@ -63,6 +64,7 @@ def check_loss_estimator(estimator: str) -> None:
         "the KL in the reward with kl_mode='reward'.")
 
 
+@gin.configurable(module="perl.rl.kl")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KLControllerConfig:
   """Fixed or adaptive (Ziegler et al. 2019) KL coefficient β."""

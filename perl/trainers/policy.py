@@ -4,16 +4,19 @@ One RL step:
   sample    responses to a batch of prompts with the policy adapter
             (perl.decoding: prefill + KV cache, one jitted program)
   score     them with the reward model: the "reward" adapter + head on the
-            same backbone (Hydra), or a separate RewardModule
+            same backbone (Hydra), a separate RewardModule, or a reward_fn
   logprobs  policy and anchor log-probs of the sampled tokens (the anchor is
             the same backbone with no adapter) and the value estimates
-  advantage REINFORCE with a value baseline (PERL), RLOO, group-normalised
-            (GRPO) or PPO's GAE, with a KL penalty to the anchor
+  advantage by the configured algorithm (perl.rl.algorithms: REINFORCE with
+            a value baseline as PERL, RLOO, GRPO, PPO), with a KL penalty
   update    of the policy adapter, the value adapter and the value head only
 
-`PolicyTrainer` is a `core.Trainer` whose train_step runs the whole step, so
-`loop.fit` gives RL the same checkpoints, exact resume, eval and metrics as
-the reward model and SFT.
+`PolicyTrainer` holds a `core.Trainer` whose train step is one update and
+orchestrates the rollout around it; it offers loop.fit what a core.Trainer
+does (step, state, train_step, checkpoint_extra, model, ...), so RL gets the
+same checkpoints, exact resume, eval and metrics as the reward model and SFT.
+The rollout programs are in perl/trainers/rollout.py; the maths of
+advantages and the update loss in perl/rl/step.py.
 
 The policy that is trained is the one that is sampled: every log-prob (the
 rollout's, the update's, the anchor's, hence the KL and the entropy) is of
@@ -30,6 +33,7 @@ than the one scored, as in TRL and OpenRLHF.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -40,20 +44,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from perl import decoding, partitioning
 from perl.models import lora as lora_lib
 from perl.models.hydra import POLICY, VALUE, HydraModule, sequence_positions
 from perl.models.heads import RewardModule
-from perl.rl import advantages as adv_lib
 from perl.rl import kl as kl_lib
-from perl.rl import objectives
-# RLConfig is configured in gin as perl.trainers.policy.RLConfig.
-from perl.rl.config import ALGORITHMS, RLConfig  # pylint: disable=unused-import
+from perl.rl import step as rl_step
+from perl.rl.config import RLConfig
 from perl.trainers import core
 from perl.trainers.policy_init import (  # pylint: disable=unused-import
     REWARD_PARAMS, init_value_from_reward, load_reward_adapter)
+from perl.trainers.rollout import RewardFn, Rollout
 
 
 def trainable_filter() -> nnx.filterlib.Filter:
@@ -62,59 +65,108 @@ def trainable_filter() -> nnx.filterlib.Filter:
                  nnx.PathContains("value_head"))
 
 
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """log softmax(logits)[target] without materialising the full log-softmax."""
-  picked = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  return picked - jax.nn.logsumexp(logits, axis=-1)
+def update_loss(model: HydraModule, batch: Mapping[str, jax.Array], rng,
+                *, rl: RLConfig, temperature: float):
+  """core.Trainer's loss_fn: the policy (and value) forward, then perl.rl.step."""
+  tokens, seg = batch["tokens"], batch["segment_ids"]
+  prompt_length = tokens.shape[1] - batch["response_mask"].shape[1]
+  pos = sequence_positions(seg)
+  policy_rng = value_rng = None
+  if rng is not None:
+    policy_rng, value_rng = jax.random.split(rng)
+  policy = model.response_logprobs(
+      tokens, positions=pos, segment_ids=seg, prompt_length=prompt_length,
+      adapter=POLICY, dropout_rng=policy_rng, with_entropy=bool(rl.entropy_coef),
+      temperature=temperature)
+  values = None
+  if rl.uses_value:
+    values = model.values(tokens, positions=pos, segment_ids=seg,
+                          dropout_rng=value_rng)[:, prompt_length - 1:-1]
+  return rl_step.update_loss(logp=policy["logp"], entropy=policy.get("entropy"),
+                             values=values, batch=batch, config=rl)
 
 
-def tempered(logits: jax.Array, temperature: float) -> jax.Array:
-  """The logits of the sampled distribution softmax(logits / T), in float32."""
-  return logits.astype(jnp.float32) / temperature
-
-
-def _finite_or_one(x: jax.Array) -> jax.Array:
-  """A min / max over no tokens (±inf) reads as ratio 1."""
-  return jnp.where(jnp.isfinite(x), x, 1.0)
-
-
-class PolicyTrainer(core.Trainer):
-  """core.Trainer whose step is a whole RL iteration (rollout + updates)."""
+class PolicyTrainer:
+  """One RL iteration (rollout + updates) per step, around a core.Trainer."""
 
   def __init__(
       self, *, module: HydraModule, rl: RLConfig, sampling: decoding.SamplingConfig,
       optimizer: core.OptimizerConfig, total_steps: int,
       partitioner: partitioning.Partitioner,
       reward_module: RewardModule | None = None,
+      reward_fn: RewardFn | None = None,
+      abstract: bool = False,
   ):
+    """reward_fn(tokens, segment_ids) -> [B]: a programmatic reward instead of
+    a reward model. abstract=True: `module` (and reward_module) come from
+    nnx.eval_shape; the trainer only lowers (see `lower`)."""
     if rl.uses_value and not module.has_value:
       raise ValueError(f"{rl.algorithm} needs a value model: build the HydraModule "
                        "with a value adapter or value head.")
-    if reward_module is None and not module.has_reward:
-      raise ValueError("No reward model: give a separate RewardModule or a "
-                       "HydraModule with a reward adapter.")
+    if reward_module is not None and reward_fn is not None:
+      raise ValueError("Give either reward_module or reward_fn, not both.")
+    if reward_module is None and reward_fn is None and not module.has_reward:
+      raise ValueError("No reward model: give a separate RewardModule, a reward_fn "
+                       "or a HydraModule with a reward adapter.")
     self.rl = rl
     self.sampling = sampling
     # The temperature of the distribution that is sampled and trained.
     self.temperature = decoding.scoring_temperature(sampling)
     self.kl_controller = kl_lib.KLController(rl.kl)
     self._rl_step = 0  # RL iterations done (PPO's early stop varies the updates)
-    super().__init__(
-        model=module, trainable=trainable_filter(), loss_fn=self._loss_fn,
+    self.trainer = core.Trainer(
+        model=module, trainable=trainable_filter(),
+        loss_fn=functools.partial(update_loss, rl=rl, temperature=self.temperature),
         optimizer=optimizer, total_steps=total_steps * rl.updates_per_rollout,
-        partitioner=partitioner)
-    self.reward_graphdef = self.reward_state = None
-    if reward_module is not None:
-      self.reward_graphdef, state = nnx.split(reward_module)
-      self.reward_state = partitioner.shard_state(state)
-    self._rollout_fns: dict[Any, Callable] = {}
+        partitioner=partitioner, abstract=abstract)
+    self.rollout = Rollout(
+        graphdef=self.trainer.graphdef, partitioner=partitioner,
+        params_shardings=self.trainer.params_shardings,
+        frozen_shardings=self.trainer.frozen_shardings, uses_value=rl.uses_value,
+        reward_module=reward_module, reward_fn=reward_fn, abstract=abstract)
     self._advantages_fn = jax.jit(self._advantages)
 
-  # -- RL iterations, not optimizer updates, are the loop's steps -------------
+  # -- what loop.fit and the eval use of a trainer -----------------------------
 
   @property
   def step(self) -> int:
+    """RL iterations done (the loop's steps), not optimizer updates."""
     return self._rl_step
+
+  @property
+  def state(self) -> core.TrainState:
+    return self.trainer.state
+
+  @state.setter
+  def state(self, value: core.TrainState) -> None:
+    self.trainer.state = value
+
+  @property
+  def partitioner(self) -> partitioning.Partitioner:
+    return self.trainer.partitioner
+
+  @property
+  def frozen(self):
+    return self.trainer.frozen
+
+  @property
+  def num_traces(self) -> int:
+    """Traces of the update step (one per shape)."""
+    return self.trainer.num_traces
+
+  @property
+  def max_consecutive_skips(self) -> int | None:
+    return self.trainer.max_consecutive_skips
+
+  @property
+  def loss_fn(self) -> core.LossFn:
+    return self.trainer.loss_fn
+
+  def model(self) -> HydraModule:
+    return self.trainer.model()
+
+  def jit_eval(self, fn):
+    return self.trainer.jit_eval(fn)
 
   def checkpoint_extra(self) -> dict[str, Any]:
     """Host state beyond the train state that a resume needs (loop.fit)."""
@@ -126,46 +178,16 @@ class PolicyTrainer(core.Trainer):
     if "kl_controller" in extra:
       self.kl_controller.load_state_dict(extra["kl_controller"])
 
-  # -- jitted pieces of the rollout ------------------------------------------
-
-  def _jit(self, name, fn, *arg_shardings):
-    if name not in self._rollout_fns:
-      self._rollout_fns[name] = self.partitioner.jit(fn, in_shardings=arg_shardings)
-    return self._rollout_fns[name]
-
-  def _merge(self, params, frozen) -> HydraModule:
-    return nnx.merge(self.graphdef, params, frozen)
+  # -- the rollout programs on the current parameters ---------------------------
 
   def sample(self, prompts, mask, rng, *, config=None, adapter=POLICY):
-    config = config or self.sampling
-    bs = self.partitioner.batch_sharding()
-
-    def fn(params, frozen, prompts, mask, rng):
-      model = self._merge(params, frozen)
-      return decoding.generate(model.backbone, prompts, mask, rng, config=config,
-                               adapter=adapter)
-
-    replicated = NamedSharding(self.partitioner.mesh, P())
-    f = self._jit(("sample", config, adapter), fn, self.params_shardings,
-                  self.frozen_shardings, bs, bs, replicated)
+    f = self.rollout.sample_program(config or self.sampling, adapter)
     return f(self.state.params, self.frozen, prompts, mask, rng)
 
   def score(self, tokens, segment_ids):
     """[B] reward-model scores of [prompt | response] rows."""
-    bs = self.partitioner.batch_sharding()
-    if self.reward_state is None:
-      def fn(params, frozen, tokens, seg):
-        return self._merge(params, frozen).reward(
-            tokens, positions=sequence_positions(seg), segment_ids=seg)
-      f = self._jit("score", fn, self.params_shardings, self.frozen_shardings, bs, bs)
-      return f(self.state.params, self.frozen, tokens, segment_ids)
-
-    def fn(state, tokens, seg):
-      module = nnx.merge(self.reward_graphdef, state)
-      return module(tokens, positions=sequence_positions(seg), segment_ids=seg)
-    f = self._jit("score_separate", fn, self.partitioner.state_shardings(self.reward_state),
-                  bs, bs)
-    return f(self.reward_state, tokens, segment_ids)
+    return self.rollout.score_program()(
+        *self.rollout.score_inputs(self.state.params, self.frozen), tokens, segment_ids)
 
   def logprobs(self, tokens, segment_ids, prompt_length: int, *,
                temperature: float | None = None):
@@ -174,150 +196,61 @@ class PolicyTrainer(core.Trainer):
     All of softmax(logits / temperature): the trained sampling temperature
     unless another is given (an eval that samples at its own).
     """
-    bs = self.partitioner.batch_sharding()
-    uses_value = self.rl.uses_value
     temp = self.temperature if temperature is None else temperature
-
-    def fn(params, frozen, tokens, seg):
-      model = self._merge(params, frozen)
-      pos = sequence_positions(seg)
-      fwd = dict(positions=pos, segment_ids=seg, prompt_length=prompt_length)
-      # Chunked under remat (perl/logprobs.py): the [B, N, V] logits never
-      # exist; both use the tempered distribution the rollout sampled from.
-      policy = model.response_logprobs(tokens, adapter=POLICY, with_entropy=True,
-                                       temperature=temp, **fwd)
-      anchor = model.response_logprobs(tokens, adapter=None, temperature=temp,
-                                       **fwd)
-      out = {"policy_logp": policy["logp"], "anchor_logp": anchor["logp"],
-             "entropy": policy["entropy"]}
-      if uses_value:
-        values = model.values(tokens, positions=pos, segment_ids=seg)
-        out["values"] = values[:, prompt_length - 1:-1]
-      return out
-
-    f = self._jit(("logprobs", prompt_length, temp), fn, self.params_shardings,
-                  self.frozen_shardings, bs, bs)
-    return f(self.state.params, self.frozen, tokens, segment_ids)
-
-  # -- advantages -------------------------------------------------------------
+    return self.rollout.logprobs_program(prompt_length, temp)(
+        self.state.params, self.frozen, tokens, segment_ids)
 
   def _advantages(self, scores, lp, mask, done, beta):
-    rl = self.rl
-    mask = mask.astype(jnp.float32)
-    if rl.missing_eos_penalty is not None:
-      scores = scores - jnp.where(done, 0.0, rl.missing_eos_penalty)
-    kl_tok = kl_lib.kl_estimate(lp["policy_logp"], lp["anchor_logp"], rl.estimator) * mask
-    seq_kl = kl_tok.sum(axis=1)
-    # The true per-sequence KL estimate for logging, whatever the estimator.
-    seq_kl_k1 = ((lp["policy_logp"] - lp["anchor_logp"]) * mask).sum(axis=1)
-    scale = (1.0 - beta) if rl.scale_reward_by_one_minus_beta else 1.0
-    in_reward = rl.kl_mode == "reward"
-    seq_return = scale * scores - (beta * seq_kl if in_reward else 0.0)
-    b, n = mask.shape
-    value_mask = jnp.zeros_like(mask)
-    value_targets = jnp.zeros_like(mask)
-    old_values = lp.get("values", jnp.zeros_like(mask))
-    k = rl.samples_per_prompt
-    if rl.algorithm == "reinforce":
-      baseline = old_values[:, 0]  # V(prompt): read at the last prompt token
-      advantages = (seq_return - baseline)[:, None] * mask
-      value_targets = jnp.broadcast_to(seq_return[:, None], (b, n))
-      value_mask = value_mask.at[:, 0].set(1.0)
-    elif rl.algorithm == "rloo":
-      advantages = (seq_return - adv_lib.rloo_baseline(seq_return, k))[:, None] * mask
-    elif rl.algorithm == "grpo":
-      advantages = adv_lib.group_normalized(seq_return, k)[:, None] * mask
-    else:  # ppo
-      rewards = adv_lib.last_token_rewards(scale * scores, mask)
-      if in_reward:
-        rewards = rewards - beta * kl_tok
-      advantages, value_targets = adv_lib.gae(
-          rewards, old_values, mask, gamma=rl.gamma, lam=rl.lam)
-      value_mask = mask
-    if rl.whitens:
-      advantages = adv_lib.masked_whiten(advantages, mask)
-    stats = {
-        "reward_mean": scores.mean(), "reward_std": scores.std(),
-        "kl": seq_kl_k1.mean(), "kl_estimate": seq_kl.mean(),
-        # TRL's objective/rlhf_reward: the score net of the KL penalty.
-        "objective": (scores - beta * seq_kl_k1).mean(),
-        "return_mean": seq_return.mean(),
-        "advantage_mean": adv_lib.masked_mean(advantages, mask),
-        "advantage_std": jnp.sqrt(adv_lib.masked_mean(jnp.square(advantages), mask)),
-        "response_length": mask.sum(axis=1).mean(),
-        "eos_rate": done.astype(jnp.float32).mean(),
-        "truncation_rate": 1.0 - done.astype(jnp.float32).mean(),
-        "entropy": adv_lib.masked_mean(lp["entropy"], mask),
-    }
-    if k > 1:
-      stats["zero_variance_groups"] = adv_lib.zero_variance_fraction(seq_return, k)
-    if rl.uses_value:
-      stats["explained_variance"] = objectives.explained_variance(
-          old_values, value_targets, value_mask)
-    update = {"advantages": advantages, "value_targets": value_targets,
-              "value_mask": value_mask, "old_values": old_values,
-              "old_logp": lp["policy_logp"], "anchor_logp": lp["anchor_logp"]}
-    return update, stats
+    return rl_step.advantages(
+        scores=scores, policy_logp=lp["policy_logp"], anchor_logp=lp["anchor_logp"],
+        entropy=lp["entropy"], values=lp.get("values"), mask=mask, done=done,
+        beta=beta, config=self.rl)
 
-  # -- the update loss --------------------------------------------------------
+  # -- ahead-of-time ------------------------------------------------------------
 
-  def _loss_fn(self, model: HydraModule, batch, rng):
-    rl = self.rl
-    tokens, seg = batch["tokens"], batch["segment_ids"]
-    prompt_length = tokens.shape[1] - batch["response_mask"].shape[1]
-    pos = sequence_positions(seg)
-    mask = batch["response_mask"].astype(jnp.float32)
-    # 0 while the critic warms up: the policy terms give no gradient.
-    policy_weight = batch["policy_weight"][0]
-    policy_rng = value_rng = None
-    if rng is not None:
-      policy_rng, value_rng = jax.random.split(rng)
-    policy = model.response_logprobs(
-        tokens, positions=pos, segment_ids=seg, prompt_length=prompt_length,
-        adapter=POLICY, dropout_rng=policy_rng, with_entropy=bool(rl.entropy_coef),
-        temperature=self.temperature)
-    logp = policy["logp"]
-    if rl.algorithm == "ppo":
-      loss_sum, count, clipped = objectives.ppo_policy_loss(
-          logp, batch["old_logp"], batch["advantages"], mask, clip_ratio=rl.clip_ratio)
-    else:
-      loss_sum, count = objectives.policy_gradient_loss(logp, batch["advantages"], mask)
-      clipped = jnp.zeros(())
-    diff = jax.lax.stop_gradient(logp - batch["old_logp"])
-    ratio = jnp.exp(diff)
-    live = mask > 0
-    # Whole-batch min / max as (value·count, count) pairs: exact, since the
-    # policy step never splits into micro-batches (grad_accum_steps=1).
-    metrics = {
-        "policy_loss": (loss_sum, count), "clip_fraction": (clipped, count),
-        "approx_kl": ((0.5 * jnp.square(diff) * mask).sum(), count),
-        "ratio_mean": ((ratio * mask).sum(), count),
-        "ratio_min": (_finite_or_one(jnp.where(live, ratio, jnp.inf).min()) * count, count),
-        "ratio_max": (_finite_or_one(jnp.where(live, ratio, -jnp.inf).max()) * count, count),
-    }
-    if rl.kl_mode == "loss":
-      kl_sum = (kl_lib.kl_estimate(logp, batch["anchor_logp"], rl.estimator) * mask).sum()
-      loss_sum = loss_sum + batch["beta"][0] * kl_sum
-      metrics["kl_loss"] = (kl_sum, count)
-    if rl.entropy_coef:
-      ent_sum = (policy["entropy"] * mask).sum()
-      loss_sum = loss_sum - rl.entropy_coef * ent_sum
-    loss_sum = policy_weight * loss_sum
-    if rl.uses_value:
-      values = model.values(tokens, positions=pos, segment_ids=seg,
-                            dropout_rng=value_rng)[:, prompt_length - 1:-1]
-      clip = rl.value_clip if rl.algorithm == "ppo" else None
-      v_sum, v_count = objectives.value_loss(
-          values, batch["value_targets"], batch["value_mask"],
-          old_values=batch["old_values"], clip=clip)
-      # Weighted per token so the (sum, denominator) total stays one mean.
-      loss_sum = loss_sum + rl.value_coef * v_sum * count / jnp.maximum(v_count, 1.0)
-      metrics["value_loss"] = (v_sum, v_count)
-      if clip is not None:
-        metrics["value_clip_fraction"] = (objectives.value_clip_count(
-            values, batch["value_targets"], batch["value_mask"],
-            old_values=batch["old_values"], clip=clip), v_count)
-    return loss_sum, count, metrics
+  def lower(self, prompt_tokens: Any, rng: Any = None) -> dict[str, Any]:
+    """The step's programs lowered for a global [P, L] prompt batch (an array
+    or ShapeDtypeStruct); no weights needed (abstract=True works).
+
+    Returns {"sample", "score", "logprobs", "advantages", "update"}: the
+    jax `Lowered` of each program one train_step runs, at the shapes it
+    runs them (P·samples_per_prompt rollouts; PPO's minibatch rows).
+    """
+    rows = prompt_tokens.shape[0] * self.rl.samples_per_prompt
+    prompt_length = prompt_tokens.shape[1]
+    bs = lambda shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=self.partitioner.batch_sharding(len(shape)))
+    prompts = bs((rows, prompt_length), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0)) if rng is None else rng
+    params, frozen = self.state.params, self.frozen
+    out = {}
+    sample = self.rollout.sample_program(self.sampling, POLICY)
+    out["sample"] = sample.lower(params, frozen, prompts, prompts, key)
+    decoded = jax.eval_shape(sample.jitted, params, frozen, prompts, prompts, key)
+    total = prompt_length + decoded.tokens.shape[1]
+    tokens = bs((rows, total), jnp.int32)
+    score = self.rollout.score_program()
+    score_in = self.rollout.score_inputs(params, frozen)
+    out["score"] = score.lower(*score_in, tokens, tokens)
+    scores = jax.eval_shape(score.jitted, *score_in, tokens, tokens)
+    lp_fn = self.rollout.logprobs_program(prompt_length, self.temperature)
+    out["logprobs"] = lp_fn.lower(params, frozen, tokens, tokens)
+    lp = jax.eval_shape(lp_fn.jitted, params, frozen, tokens, tokens)
+    resp = decoded.mask
+    args = (scores, lp, resp, jax.ShapeDtypeStruct((rows,), jnp.bool_),
+            jax.ShapeDtypeStruct((), jnp.float32))
+    out["advantages"] = self._advantages_fn.lower(*args)
+    update, _ = jax.eval_shape(self._advantages, *args)
+    mb = rows // self.rl.minibatches
+    update = {k: jax.ShapeDtypeStruct((mb,) + v.shape[1:], v.dtype)
+              for k, v in update.items()}
+    update.update(tokens=jax.ShapeDtypeStruct((mb, total), jnp.int32),
+                  segment_ids=jax.ShapeDtypeStruct((mb, total), resp.dtype),
+                  response_mask=jax.ShapeDtypeStruct((mb,) + resp.shape[1:], resp.dtype),
+                  beta=jax.ShapeDtypeStruct((mb,), jnp.float32),
+                  policy_weight=jax.ShapeDtypeStruct((mb,), jnp.float32))
+    out["update"] = self.trainer.lower(update, key)
+    return out
 
   # -- one RL iteration -------------------------------------------------------
 
@@ -331,8 +264,8 @@ class PolicyTrainer(core.Trainer):
             x, self.partitioner.mesh, spec)), tree)
 
   def _check_minibatch_rows(self, local_rows: int) -> None:
-    """Fails before sampling when a PPO minibatch cannot be sharded."""
-    n_mb = self.rl.num_minibatches if self.rl.algorithm == "ppo" else 1
+    """Fails before sampling when a minibatch cannot be sharded."""
+    n_mb = self.rl.minibatches
     mesh = self.partitioner.mesh
     shards = int(np.prod([mesh.shape[a] for a in partitioning.BATCH_MESH_AXES
                           if a in mesh.axis_names]))
@@ -388,18 +321,18 @@ class PolicyTrainer(core.Trainer):
 
     t = time.perf_counter()
     rows = local["tokens"].shape[0]
-    n_mb = rl.num_minibatches if rl.algorithm == "ppo" else 1
+    n_mb = rl.minibatches
     if rows % n_mb:
       raise ValueError(f"{rows} rollout rows do not split into {n_mb} minibatches.")
     updates = []
     order = np.arange(rows)
     stop = False
-    for epoch in range(rl.updates_per_rollout // n_mb):
+    for epoch in range(rl.epochs):
       if epoch:
         order = np.random.default_rng([self.step, epoch]).permutation(rows)
       for chunk in np.split(order, n_mb):
         updates.append(jax.device_get(
-            super().train_step({key: v[chunk] for key, v in local.items()}, rng)))
+            self.trainer.train_step({key: v[chunk] for key, v in local.items()}, rng)))
         # approx_kl is a global mean (the step's metrics are replicated), so
         # every host stops after the same update.
         if (rl.target_kl is not None and not warming_up
@@ -420,7 +353,6 @@ class PolicyTrainer(core.Trainer):
     metrics["kl_coef"] = beta
     metrics["critic_warmup"] = float(warming_up)
     return metrics
-
 
 def average_update_metrics(updates: list[Mapping[str, Any]]) -> dict[str, float]:
   """One step's metrics from its optimizer updates: means, ratio min / max."""
@@ -550,6 +482,3 @@ def train(
                                       base_checkpoint=base_checkpoint)
       if export else None)
 
-
-gin.external_configurable(decoding.SamplingConfig, module="perl.decoding")
-gin.external_configurable(kl_lib.KLControllerConfig, module="perl.rl.kl")

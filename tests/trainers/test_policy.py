@@ -15,7 +15,6 @@ from perl.models.heads import RewardModule
 from perl.models.hydra import HydraModule
 from perl.models.transformer import Transformer
 from perl.rl import kl as kl_lib
-from perl.rl import objectives
 from perl.trainers import core, policy
 
 CFG = model_config.tiny(vocab_size=32, embed_dim=32, num_heads=2, num_kv_heads=1,
@@ -212,49 +211,10 @@ def test_rollout_and_update_logprobs_are_those_of_the_sampled_distribution(tempe
            "advantages": jnp.ones(n), "value_targets": jnp.zeros(n),
            "value_mask": jnp.zeros(n), "old_values": jnp.zeros(n),
            "beta": jnp.full((n[0],), 0.05), "policy_weight": jnp.ones((n[0],))}
-  _, count, metrics = trainer._loss_fn(model, batch, None)
+  _, count, metrics = trainer.loss_fn(model, batch, None)
   for key in ("ratio_min", "ratio_max"):
     assert float(metrics[key][0] / count) == pytest.approx(1.0, abs=1e-4), key
   assert float(metrics["approx_kl"][0] / count) < 1e-8
-
-
-@pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_expected_policy_gradient_ignores_a_constant_baseline(temperature):
-  """Exact E_{x~π_T}[∇ −(r(x) − b)·log π(x)] over a 4-way categorical."""
-  logits = jnp.array([5.0, 0.0, 0.0, 0.0])  # a peaked policy: top logit leads by 5
-  reward = jnp.array([1.0, 0.0, 0.0, 0.0])
-  sampling = decoding.SamplingConfig(max_new_tokens=1, temperature=temperature)
-  probs = jax.nn.softmax(decoding.process_logits(logits[None], sampling)[0])
-  temp = decoding.scoring_temperature(sampling)
-
-  def expected_grad(baseline):
-    def loss(theta):
-      # The trainer's scoring of token x under logits θ.
-      logp = policy.token_logprobs(policy.tempered(jnp.tile(theta, (4, 1)), temp),
-                                   jnp.arange(4))
-      adv = (reward - baseline)[:, None]
-      per_x = jax.vmap(lambda lp, a: objectives.policy_gradient_loss(
-          lp[None, None], a, jnp.ones((1, 1)))[0])(logp, adv)
-      return jnp.sum(probs * per_x)
-    return jax.grad(loss)(logits)
-
-  g0, g2 = expected_grad(0.0), expected_grad(2.0)
-  np.testing.assert_allclose(g0, g2, atol=1e-6)
-  # And it raises the correct token's logit.
-  assert float(-g0[0]) > 0
-
-
-def test_missing_eos_penalty_is_subtracted():
-  with pytest.raises(ValueError, match="missing_eos_penalty=-1.0: it is subtracted"):
-    policy.RLConfig(missing_eos_penalty=-1.0)
-  trainer = _trainer(policy.RLConfig(algorithm="rloo", samples_per_prompt=2,
-                                     missing_eos_penalty=1.0), steps=1)
-  scores = jnp.array([0.5, 0.5])
-  lp = {k: jnp.zeros((2, 3)) for k in ("policy_logp", "anchor_logp", "entropy")}
-  _, stats = trainer._advantages(scores, lp, jnp.ones((2, 3)), jnp.array([True, False]),
-                                 jnp.float32(0.0))
-  assert float(stats["reward_mean"]) == pytest.approx((0.5 + (0.5 - 1.0)) / 2)
-  assert float(stats["truncation_rate"]) == 0.5
 
 
 def test_critic_warmup_freezes_the_policy_and_value_starts_from_the_reward_head():
@@ -315,27 +275,29 @@ def test_beta_of_one_or_more_with_perl_scaling_is_one_clear_error():
   policy.RLConfig(kl=kl_lib.KLControllerConfig(init_coef=0.9))
 
 
-def test_rloo_identical_samples_keep_zero_advantage_by_default():
-  """RLOO's leave-one-out advantage of a group of identical samples is 0. The
-  default must not whiten it: whitening over the batch shifts those zeros
-  by the token-weighted mean and scales the one informative group by
-  1/std, so the fewer groups differ, the louder they get (a peaked policy's
-  batches are mostly identical groups)."""
-  rl = policy.RLConfig(algorithm="rloo", samples_per_prompt=4)
-  assert not rl.whitens
-  trainer = _trainer(rl, steps=1)
-  # 3 prompts x 4 samples; only the first group's samples differ (and its
-  # responses have different lengths).
-  scores = jnp.array([1.0, 0.0, 0.0, 0.0] + [2.0] * 4 + [-1.0] * 4)
-  mask = jnp.ones((12, 4)).at[0, 2:].set(0.0)
-  lp = {k: jnp.zeros((12, 4)) for k in ("policy_logp", "anchor_logp", "entropy")}
-  out, _ = trainer._advantages(scores, lp, mask, jnp.ones(12, bool), jnp.float32(0.0))
-  adv = np.asarray(out["advantages"])
-  np.testing.assert_array_equal(adv[4:], 0.0)
-  np.testing.assert_allclose(adv[0, :2], 1.0)  # 1 − mean of the other three (0)
-  np.testing.assert_allclose(adv[1], -1.0 / 3.0, rtol=1e-6)
-  # REINFORCE and PPO (learned-baseline advantages) still whiten by default.
-  assert policy.RLConfig().whitens
-  assert policy.RLConfig(algorithm="ppo").whitens
-  assert policy.RLConfig(algorithm="rloo", samples_per_prompt=2,
-                         whiten_advantages=True).whitens
+def test_lower_gives_the_programs_train_step_runs_also_without_weights():
+  rl = policy.RLConfig(algorithm="ppo", samples_per_prompt=2, num_minibatches=2)
+  opt = core.OptimizerConfig(learning_rate=1e-2, decay="constant")  # as _trainer's
+  p = partitioning.Partitioner("data=-1")
+  with p:
+    abstract = policy.PolicyTrainer(
+        module=nnx.eval_shape(lambda: HydraModule(
+            CFG, policy_lora=LORA, value_lora=LORA, reward_lora=LORA, rngs=nnx.Rngs(0))),
+        rl=rl, sampling=SAMPLING, partitioner=p, total_steps=2, optimizer=opt,
+        abstract=True)
+  trainer = _trainer(rl, steps=2, lr=1e-2)
+  prompts = jax.ShapeDtypeStruct(PROMPTS["prompt_tokens"].shape, jnp.int32)
+  lowered = abstract.lower(prompts)
+  assert set(lowered) == {"sample", "score", "logprobs", "advantages", "update"}
+  # No weights exist, yet the programs are those of a real trainer.
+  assert not any(isinstance(x, jax.Array) for x in jax.tree.leaves(abstract.state))
+  real = trainer.lower(prompts)
+  for name in lowered:
+    assert lowered[name].as_text() == real[name].as_text(), name
+  # The update: 16 rollouts in 2 minibatches of 8 rows, what train_step feeds.
+  args, _ = lowered["update"].args_info
+  assert args[2]["tokens"].shape == (8, 3 + SAMPLING.max_new_tokens)
+  assert lowered["update"].compile().memory_analysis() is not None
+  # train_step then runs the lowered update: no second trace.
+  trainer.train_step(PROMPTS, jax.random.key(0))
+  assert trainer.num_traces == 1

@@ -6,7 +6,7 @@ fraction of GOOD tokens), which that policy already nearly maximises. At the
 default RLConfig and the demo's learning rate, RL must not lower the truth,
 and KL(π‖π_anchor) of the sampled distribution, true and as the trainer
 reports it, must stay small. Scoring untempered log-probs while sampling at
-T=0.7 (the old code) reported a "KL" of 0.1 nats by step 7 and 0.25 by
+T=0.7 reported a "KL" of 0.1 nats by step 7 and 0.25 by
 step 15 when the true KL was 0.01-0.02.
 """
 
@@ -59,12 +59,10 @@ def _peaked_sft(module: HydraModule, steps=40, p_good=0.85):
   nnx.update(module.backbone, params)
 
 
-class _TruthRewardTrainer(policy.PolicyTrainer):
+def _truth_reward(tokens, segment_ids):
   """The reward model is the ground truth: the fraction of GOOD tokens."""
-
-  def score(self, tokens, segment_ids):
-    m = segment_ids[:, -N:]
-    return ((tokens[:, -N:] == GOOD) * m).sum(1) / jnp.maximum(m.sum(1), 1)
+  m = segment_ids[:, -N:]
+  return ((tokens[:, -N:] == GOOD) * m).sum(1) / jnp.maximum(m.sum(1), 1)
 
 
 def _truth_and_kl(trainer):
@@ -93,8 +91,9 @@ def test_rl_from_a_peaked_policy_keeps_truth_with_bounded_kl():
     module = p.create_sharded_model(lambda: HydraModule(
         CFG, policy_lora=LORA, value_lora=LORA, reward_lora=LORA, rngs=nnx.Rngs(0)))
     _peaked_sft(module)
-    trainer = _TruthRewardTrainer(
+    trainer = policy.PolicyTrainer(
         module=module, rl=policy.RLConfig(), partitioner=p, total_steps=12,
+        reward_fn=_truth_reward,
         sampling=decoding.SamplingConfig(max_new_tokens=N, temperature=T, eos_id=None),
         # The demo's RL optimizer (configs/experiments/synthetic_policy.gin).
         optimizer=core.OptimizerConfig(learning_rate=2e-3, decay="constant"))
@@ -108,7 +107,7 @@ def test_rl_from_a_peaked_policy_keeps_truth_with_bounded_kl():
       kls.append(_truth_and_kl(trainer)[1])
   truth, _ = _truth_and_kl(trainer)
   # Both the true KL and the KL the trainer reports stay under the bound (the
-  # old untempered estimate reported 0.1 nats by step 7 for a true 0.01).
+  # untempered estimate reports 0.1 nats by step 7 for a true 0.01).
   assert max(kls) < KL_BOUND, kls
   assert max(logged) < KL_BOUND, logged
   assert truth >= truth_sft - 0.005, (truth_sft, truth)
