@@ -1,6 +1,6 @@
 """Orbax checkpoints: adapter-only saves, exact resume, best-by-metric, export.
 
-Layout under MODEL_DIR:
+Under MODEL_DIR (paths owned by perl.run_dir.RunDir):
   checkpoints/<step>/   the train state (trainable params + optimizer state +
                         step) and the data position; the latest `keep` kept.
                         With LoRA the trainable params are the adapter and the
@@ -37,7 +37,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-EXPORT_DIR = "export"
+from perl import run_dir
+from perl.run_dir import STATE_ITEM, RunDir
+
+# loop.py and policy_init.py still spell it so; they move to RunDir.export.
+EXPORT_DIR = run_dir.EXPORT
 
 
 class CheckpointMismatchError(ValueError):
@@ -175,23 +179,23 @@ class CheckpointManager:
 
   @staticmethod
   def _handlers():
-    return {"state": ocp.StandardCheckpointHandler(),
+    return {STATE_ITEM: ocp.StandardCheckpointHandler(),
             "extra": ocp.JsonCheckpointHandler()}
 
   def __init__(self, model_dir: str, config: CheckpointConfig = CheckpointConfig(),
                *, best_metric: str | None = None):
     self.model_dir = os.path.abspath(model_dir)
+    self.run = RunDir(self.model_dir)
     self.config = config
     self.best_metric = best_metric
-    self._latest = self._manager("checkpoints", max_to_keep=config.keep)
+    self._latest = self._manager(self.run.checkpoints, max_to_keep=config.keep)
     self._best = None
     if best_metric:
       self._best = self._manager(
-          "best", max_to_keep=1, best_fn=lambda m: m[best_metric],
+          self.run.best, max_to_keep=1, best_fn=lambda m: m[best_metric],
           best_mode="max")
 
-  def _manager(self, name: str, **options) -> ocp.CheckpointManager:
-    directory = os.path.join(self.model_dir, name)
+  def _manager(self, directory: str, **options) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         directory, item_handlers=self._handlers(),
         options=ocp.CheckpointManagerOptions(
@@ -252,6 +256,11 @@ class CheckpointManager:
   def best_step(self) -> int | None:
     return None if self._best is None else self._best.best_step()
 
+  def reached_preemption(self, step: int) -> bool:
+    """Multi-host: whether every process agreed to stop and save at `step`
+    (JAX's preemption sync point, through Orbax)."""
+    return self._latest.reached_preemption(step)
+
   def restore(self, state_template: Any, *, step: int | None = None,
               best: bool = False) -> tuple[Any, dict]:
     """(state shaped and sharded like `state_template`, extra) of a step.
@@ -290,7 +299,7 @@ class CheckpointManager:
 
   def _quarantine(self, manager: ocp.CheckpointManager, step: int) -> str:
     src = os.path.join(str(manager.directory), str(step))
-    dst = os.path.join(self.model_dir, "corrupt",
+    dst = os.path.join(self.run.corrupt,
                        f"{os.path.basename(str(manager.directory))}-{step}")
     if jax.process_index() == 0:
       os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -303,7 +312,7 @@ class CheckpointManager:
   def _restore_step(self, manager, step, state_template) -> tuple[Any, dict]:
     where = f"{manager.directory}/{step}"
     expected = flatten(_abstract(state_template))
-    found = _metadata_shapes(manager.item_metadata(step)["state"])
+    found = _metadata_shapes(manager.item_metadata(step)[STATE_ITEM])
     check_compatible(
         expected, found, where=where,
         fix="It was written by a run with a different model or adapter "
@@ -311,7 +320,7 @@ class CheckpointManager:
             "MODEL_DIR at a fresh directory.")
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(expected), extra=ocp.args.JsonRestore()))
-    flat = dict(restored["state"])
+    flat = dict(restored[STATE_ITEM])
     extra = dict(restored["extra"] or {})
     stored = extra.pop(_DIGESTS, None)
     if stored is not None:
@@ -359,7 +368,7 @@ def export_merged(path: str, model: nnx.Module, adapter: str | None) -> str:
 def resolve_base_checkpoint(path: str) -> str:
   """A MODEL_DIR of an earlier run (its export/) or an export dir itself."""
   path = os.path.abspath(os.path.expanduser(path))
-  candidate = os.path.join(path, EXPORT_DIR)
+  candidate = RunDir(path).export
   if os.path.isdir(candidate):
     return candidate
   if os.path.isdir(path) and os.path.exists(

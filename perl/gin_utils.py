@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 import gin
 
+from perl.run_dir import RunDir
+
 GIN_ARG_PREFIX = '--gin.'
 
 
@@ -253,7 +255,7 @@ def write_operative_config(model_dir: str, *, text: str | None = None) -> str:
   TensorFlow import.
   """
   text = gin.operative_config_str() if text is None else text
-  path = os.path.join(model_dir, 'config.gin')
+  path = RunDir(model_dir).config_gin
   if '://' in model_dir:
     from tensorflow.io import gfile  # pylint: disable=g-import-not-at-top
     gfile.makedirs(model_dir)

@@ -121,6 +121,15 @@ class RunDir:
     steps = self.steps(best=best)
     return steps[-1] if steps else None
 
+  def latest_state_item(self, *, best_first: bool = True) -> str | None:
+    """The state item of the newest step in best/ (if `best_first` and it
+    holds one), else in checkpoints/; None when neither holds a step."""
+    for best in ((True, False) if best_first else (False,)):
+      step = self.latest_step(best=best)
+      if step is not None:
+        return self.state_item(step, best=best)
+    return None
+
 
 # An earlier run's recorded config
 # ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from absl import app
 from flax import nnx
 
-from perl import checkpoints, gin_utils
+from perl import checkpoints, gin_utils, run_dir
 from perl import main as perl_main
 from perl.models import config as model_config
 from perl.models.transformer import Transformer
@@ -392,7 +392,7 @@ def test_base_checkpoint_with_emptied_metadata(tmp_path):
 # -- MODEL_DIR and run settings ------------------------------------------------------
 
 def test_locked_model_dir_names_holder_and_writes_nothing(written):
-  with open(os.path.join(written, run_lock.LOCK_NAME), "w") as f:
+  with open(os.path.join(written, run_dir.LOCK), "w") as f:
     json.dump({"pid": 4242, "host": "tpu-vm-7", "started": "earlier"}, f)
   before = snapshot(written)
   with pytest.raises(run_lock.ModelDirLockedError) as e:
@@ -406,7 +406,7 @@ def test_locked_model_dir_names_holder_and_writes_nothing(written):
 def test_locked_model_dir_through_main_fails_fast(written):
   holder = subprocess.Popen(["sleep", "60"])
   try:
-    with open(os.path.join(written, run_lock.LOCK_NAME), "w") as f:
+    with open(os.path.join(written, run_dir.LOCK), "w") as f:
       json.dump({"pid": holder.pid, "host": socket.gethostname()}, f)
     before = snapshot(written)
     t0 = time.monotonic()
@@ -420,7 +420,7 @@ def test_locked_model_dir_through_main_fails_fast(written):
       f"perl.main: MODEL_DIR {written} is in use by pid {holder.pid} on host"
       f" {socket.gethostname()} (since ?): wait for that run to end, stop it,"
       f" or use another MODEL_DIR. If it is dead, delete"
-      f" {written}/{run_lock.LOCK_NAME}."]
+      f" {written}/{run_dir.LOCK}."]
   assert elapsed < 10, elapsed
   assert snapshot(written) == before
 
@@ -462,4 +462,4 @@ def test_diverging_run_through_main_exits_nonzero_with_step(tmp_path):
   rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text(
       ).splitlines()]
   assert rows[-1]["step"] == k and rows[-1]["train/grad_norm"] is None
-  assert not (d / run_lock.LOCK_NAME).exists()
+  assert not (d / run_dir.LOCK).exists()

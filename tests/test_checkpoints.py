@@ -11,6 +11,7 @@ from perl import checkpoints, partitioning
 from perl.models import config as model_config
 from perl.models.heads import RewardModule
 from perl.models.transformer import Transformer
+from perl.run_dir import RunDir
 from perl.trainers import core, reward_model
 
 # Big enough that the base clearly dominates: ~0.5M base params.
@@ -91,3 +92,21 @@ def test_export_merged_then_load_as_base(tmp_path):
 def test_missing_base_checkpoint_says_what_to_point_at(tmp_path):
   with pytest.raises(FileNotFoundError, match="finished SFT run"):
     checkpoints.resolve_base_checkpoint(str(tmp_path))
+
+
+def test_saves_land_where_run_dir_says(tmp_path):
+  manager = checkpoints.CheckpointManager(str(tmp_path), checkpoints.CheckpointConfig(
+      keep=2), best_metric="accuracy")
+  state = {"w": jnp.arange(4.0)}
+  for step in (2, 5, 9):
+    manager.save(step, state)
+  assert manager.save_best(5, state, {"accuracy": 0.7})
+  run = RunDir(str(tmp_path))
+  assert run.steps() == manager.all_steps() == [5, 9]
+  assert run.latest_step() == manager.latest_step() == 9
+  assert run.latest_step(best=True) == manager.best_step() == 5
+  assert os.path.isdir(run.state_item(9)) and os.path.isdir(
+      run.state_item(5, best=True))
+  # Single process: no preemption sync point is ever reached.
+  assert manager.reached_preemption(9) is False
+  manager.close()

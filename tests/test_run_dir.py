@@ -62,11 +62,15 @@ def test_layout_paths_and_steps(tmp_path):
   assert run.state_item(7, best=True) == os.path.join(
       tmp_path, "best", "7", "state")
   assert run.steps() == [] and run.latest_step() is None
+  assert run.latest_state_item() is None
   for name in ("10", "200", "30", "40.orbax-checkpoint-tmp-1"):
     os.makedirs(os.path.join(run.checkpoints, name))
   os.makedirs(run.step_dir(30, best=True))
   assert run.steps() == [10, 30, 200]  # numeric order; Orbax tmp dirs skipped
   assert run.latest_step() == 200 and run.latest_step(best=True) == 30
+  assert run.latest_state_item() == os.path.join(tmp_path, "best", "30", "state")
+  assert run.latest_state_item(best_first=False) == os.path.join(
+      tmp_path, "checkpoints", "200", "state")
 
 
 def test_reward_run_recorded_lora_is_read_back(tmp_path):

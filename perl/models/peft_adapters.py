@@ -30,6 +30,7 @@ from safetensors.numpy import load_file, save_file
 from perl.models import hf_import
 from perl.models.lora import LoRADense, adapter_names
 from perl.models.transformer import Transformer
+from perl.run_dir import RunDir
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -230,7 +231,7 @@ def export_peft_adapter_if_hf_base(model: nnx.Module, model_dir: str, *,
   base = os.path.abspath(os.path.expanduser(base_checkpoint))
   if not hf_import.is_hf_checkpoint(base):
     return None
-  return save_peft_adapter(model, os.path.join(model_dir, "export_peft"),
+  return save_peft_adapter(model, RunDir(model_dir).export_peft,
                            adapter=adapter, base_model_name_or_path=base)
 
 

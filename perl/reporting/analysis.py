@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from perl.reporting.runs import CONFIG_FILE, gin_value
+from perl.reporting.runs import gin_value
+from perl.run_dir import RunDir
 
 
 def _literal(model_dir: str, name: str, default: Any = None) -> Any:
@@ -34,14 +35,14 @@ def _literal(model_dir: str, name: str, default: Any = None) -> Any:
 
 
 def _require(model_dir: str, name: str) -> Any:
-  path = os.path.join(model_dir, CONFIG_FILE)
+  path = RunDir(model_dir).config_gin
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist: point at the MODEL_DIR of "
                             "a perl run (it writes config.gin at its start).")
   value = _literal(model_dir, name)
   if value is None:
     raise ValueError(
-        f"{os.path.join(model_dir, CONFIG_FILE)} binds no {name}: point at the "
+        f"{RunDir(model_dir).config_gin} binds no {name}: point at the "
         "MODEL_DIR of a finished perl run (it writes config.gin at its start).")
   return value
 
@@ -50,7 +51,7 @@ def model_config(model_dir: str):
   """The TransformerConfig (MODEL_CONFIG) of a run, from its config.gin."""
   import gin  # pylint: disable=g-import-not-at-top
   from perl.trainers import configurables  # pylint: disable=g-import-not-at-top
-  path = os.path.join(model_dir, CONFIG_FILE)
+  path = RunDir(model_dir).config_gin
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path} does not exist: point at the MODEL_DIR of a "
                             "perl run.")

@@ -27,8 +27,8 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from perl.reporting.runs import (METRICS_FILE, frontier_points, pick,
-                                 read_metrics, run_dirs)
+from perl.reporting.runs import frontier_points, pick, read_metrics, run_dirs
+from perl.run_dir import METRICS_JSONL, RunDir
 
 SUMMARY_FILE = "summary.png"
 
@@ -204,10 +204,10 @@ def demo_summary(workdir: str, *, out: str | None = None,
   if policy_dirs is None:
     policy_dirs = sorted(glob.glob(os.path.join(workdir, "policy_seed*")))
   policies = {os.path.basename(d): d for d in policy_dirs
-              if os.path.isfile(os.path.join(d, METRICS_FILE))}
+              if os.path.isfile(RunDir(d).metrics_jsonl)}
   rm_dir = os.path.join(workdir, "reward_model")
   if not policies:
-    raise FileNotFoundError(f"No policy_seed*/{METRICS_FILE} under {workdir}: "
+    raise FileNotFoundError(f"No policy_seed*/{METRICS_JSONL} under {workdir}: "
                             "run `python -m perl.demo` first.")
   fig, (ax_truth, ax_kl, ax_rm) = plt.subplots(1, 3, figsize=(13, 3.6))
   sft = []
@@ -227,7 +227,7 @@ def demo_summary(workdir: str, *, out: str | None = None,
   ax_truth.set(title="ground-truth reward, held-out prompts", xlabel="RL step",
                ylim=(-0.02, 1.02))
   ax_kl.set(title="KL(policy ‖ SFT) per response", xlabel="RL step", ylabel="nats")
-  if os.path.isfile(os.path.join(rm_dir, METRICS_FILE)):
+  if os.path.isfile(RunDir(rm_dir).metrics_jsonl):
     m = read_metrics(rm_dir)
     if "eval/accuracy" in m:
       ax_rm.plot(*m["eval/accuracy"], marker="o", label="held-out", zorder=3)

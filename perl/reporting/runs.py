@@ -20,8 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.gin"
+from perl.run_dir import METRICS_JSONL, RunDir
 
 Series = tuple[np.ndarray, np.ndarray]
 
@@ -31,11 +30,11 @@ def read_metrics(model_dir: str) -> dict[str, Series]:
 
   A resumed run may log a step twice; the last value logged for a step wins.
   """
-  path = os.path.join(model_dir, METRICS_FILE)
+  path = RunDir(model_dir).metrics_jsonl
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"{path} does not exist: point at the MODEL_DIR of a perl run (it "
-        f"writes {METRICS_FILE} as it trains).")
+        f"writes {METRICS_JSONL} as it trains).")
   by_key: dict[str, dict[int, float]] = {}
   with open(path) as f:
     for number, line in enumerate(f, 1):
@@ -73,7 +72,7 @@ def gin_value(model_dir: str, name: str) -> str | None:
   ("KLControllerConfig.init_coef"). Text-level on purpose: reading it needs
   no gin registration (no TensorFlow, no JAX).
   """
-  path = os.path.join(model_dir, "config.gin")
+  path = RunDir(model_dir).config_gin
   if not os.path.isfile(path):
     return None
   values = {}
@@ -111,13 +110,13 @@ def run_dirs(pattern_or_dirs: str | Sequence[str]) -> list[str]:
   out = []
   for item in items:
     for path in sorted(glob.glob(item)) or [item]:
-      if os.path.isfile(os.path.join(path, METRICS_FILE)):
+      if os.path.isfile(RunDir(path).metrics_jsonl):
         out.append(path)
       else:
         out += sorted(os.path.dirname(p) for p in glob.glob(
-            os.path.join(path, "*", METRICS_FILE)))
+            os.path.join(path, "*", METRICS_JSONL)))
   if not out:
-    raise FileNotFoundError(f"No run ({METRICS_FILE}) in or under {items}.")
+    raise FileNotFoundError(f"No run ({METRICS_JSONL}) in or under {items}.")
   return out
 
 

@@ -19,6 +19,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from perl.run_dir import RunDir
+
 
 def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
   """Area under the ROC curve (ties count half); NaN if one class only."""
@@ -84,9 +86,10 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(model_dir, exist_ok=True)
-      jsonl = os.path.join(model_dir, "metrics.jsonl")
+      run = RunDir(model_dir)
+      jsonl = run.metrics_jsonl
       _truncate_jsonl(jsonl, start_step)
-      logdir = os.path.join(model_dir, "tensorboard")
+      logdir = run.tensorboard
       self._tb = SummaryWriter(
           logdir=logdir,
           purge_step=start_step + 1 if os.path.isdir(logdir) else None)

@@ -24,7 +24,7 @@ from typing import Iterator
 
 from absl import logging
 
-LOCK_NAME = ".lock"
+from perl.run_dir import RunDir
 
 
 class ModelDirLockedError(RuntimeError):
@@ -55,7 +55,7 @@ def _read(path: str) -> dict:
 def check_free(model_dir: str) -> None:
   """Raises ModelDirLockedError if a live run holds MODEL_DIR (writes
   nothing; for failing fast before a run's slow start-up)."""
-  path = os.path.join(os.path.abspath(model_dir), LOCK_NAME)
+  path = RunDir(os.path.abspath(model_dir)).lock
   if path in _held or not os.path.exists(path):
     return
   holder = _read(path)
@@ -76,7 +76,7 @@ def _locked(model_dir: str, path: str, holder: dict) -> ModelDirLockedError:
 def acquire(model_dir: str) -> bool:
   """Takes MODEL_DIR's lock; True if it created MODEL_DIR to do so."""
   model_dir = os.path.abspath(model_dir)
-  path = os.path.join(model_dir, LOCK_NAME)
+  path = RunDir(model_dir).lock
   if path in _held:
     _held[path] += 1
     return False
@@ -106,7 +106,7 @@ def acquire(model_dir: str) -> bool:
 
 def release(model_dir: str, *, created: bool = False) -> None:
   model_dir = os.path.abspath(model_dir)
-  path = os.path.join(model_dir, LOCK_NAME)
+  path = RunDir(model_dir).lock
   depth = _held.get(path, 0)
   if depth > 1:
     _held[path] = depth - 1

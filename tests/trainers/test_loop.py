@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from perl import checkpoints, partitioning
+from perl import checkpoints, partitioning, run_dir
 from perl.models import config as model_config
 from perl.models.transformer import Transformer
 from perl.trainers import core, loop, sft
@@ -82,8 +82,8 @@ def test_nan_at_step_k_stops_there_saves_nothing_of_it_and_no_export(tmp_path):
   assert msg.startswith("Step 5: non-finite grad_norm=nan, loss=nan;"), msg
   assert "the last checkpoint is step 4" in msg
   assert _steps(d) == [2, 4]
-  assert not os.path.exists(os.path.join(d, checkpoints.EXPORT_DIR))
-  assert not os.path.exists(os.path.join(d, run_lock.LOCK_NAME))
+  assert not os.path.exists(os.path.join(d, run_dir.EXPORT))
+  assert not os.path.exists(os.path.join(d, run_dir.LOCK))
   text = open(os.path.join(d, "metrics.jsonl")).read()
   assert "NaN" not in text
   rows = [json.loads(l) for l in text.splitlines()]
@@ -105,7 +105,7 @@ def test_skip_nonfinite_skips_and_counts_the_update(tmp_path):
   assert [r["train/consecutive_skips"] for r in rows] == [0, 1, 0, 0]
   flat = checkpoints.flatten(trainer.state.params)
   checkpoints.check_finite(flat, where="params")  # the NaN step left no trace
-  assert os.path.isdir(os.path.join(d, checkpoints.EXPORT_DIR))
+  assert os.path.isdir(os.path.join(d, run_dir.EXPORT))
 
 
 def test_sigterm_saves_at_step_boundary_and_restart_equals_straight_run(
@@ -118,7 +118,7 @@ def test_sigterm_saves_at_step_boundary_and_restart_equals_straight_run(
   assert out["preempted"] is True and out["step"] == 3 and trainer.step == 3
   assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
   assert _steps(d) == [3]
-  assert not os.path.exists(os.path.join(d, checkpoints.EXPORT_DIR))
+  assert not os.path.exists(os.path.join(d, run_dir.EXPORT))
   out, _ = _fit(d, 6, save_every=100)
   assert out["step"] == 6
   a = [(r["step"], r["train/loss"], r["train/grad_norm"]) for r in _rows(straight)]
@@ -135,7 +135,7 @@ def test_resumed_run_logs_each_step_once(tmp_path):
   # were logged but their checkpoints never written.
   import shutil
   shutil.rmtree(os.path.join(d, "checkpoints", "6"))
-  shutil.rmtree(os.path.join(d, checkpoints.EXPORT_DIR))
+  shutil.rmtree(os.path.join(d, run_dir.EXPORT))
   first = {r["step"]: r["train/loss"] for r in _rows(d)}
   _fit(d, 6, save_every=2, keep=5)
   rows = _rows(d)
@@ -231,7 +231,7 @@ def test_damaged_newest_checkpoint_fails_naming_step_when_configured(tmp_path):
 def test_second_run_on_locked_model_dir_fails_and_writes_nothing(tmp_path):
   d = str(tmp_path / "run")
   os.makedirs(d)
-  with open(os.path.join(d, run_lock.LOCK_NAME), "w") as f:
+  with open(os.path.join(d, run_dir.LOCK), "w") as f:
     json.dump({"pid": 1, "host": "other-host", "started": "then"}, f)
   before = snapshot(d)
   with pytest.raises(run_lock.ModelDirLockedError,
@@ -247,8 +247,8 @@ def test_stale_lock_of_dead_process_is_taken_over(tmp_path):
   dead.wait()
   d = str(tmp_path / "run")
   os.makedirs(d)
-  with open(os.path.join(d, run_lock.LOCK_NAME), "w") as f:
+  with open(os.path.join(d, run_dir.LOCK), "w") as f:
     json.dump({"pid": dead.pid, "host": socket.gethostname()}, f)
   out, _ = _fit(d, 2)
   assert out["step"] == 2
-  assert not os.path.exists(os.path.join(d, run_lock.LOCK_NAME))
+  assert not os.path.exists(os.path.join(d, run_dir.LOCK))

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from perl import checkpoints, decoding
+from perl import checkpoints, decoding, run_dir
 from perl.rl import kl as kl_lib
 from perl.models import config as model_config
 from perl.trainers import policy, reward_model
@@ -56,7 +56,7 @@ def test_policy_run_on_shared_backbone_evaluates_exports_and_resumes(tmp_path, r
     assert np.isfinite(out[key]), key
   assert 0.0 <= out["eval/ground_truth_reward"] <= 1.0
   assert 0.0 <= out["eval/win_rate"] <= 1.0
-  assert os.path.isdir(os.path.join(straight, checkpoints.EXPORT_DIR))
+  assert os.path.isdir(os.path.join(straight, run_dir.EXPORT))
   # Adapter-only saves: no base kernel in the train-state checkpoint.
   ckpt = os.path.join(straight, "checkpoints", "4")
   assert os.path.isdir(ckpt)
