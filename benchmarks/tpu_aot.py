@@ -16,8 +16,10 @@ For each row, XLA:TPU's per-chip numbers are recorded:
   roofline = max(flops / chip peak bf16 FLOP/s, HBM bytes / chip HBM bandwidth)
 
 Rows: reward-model step (LoRA vs full fine-tuning; 16 pairs x 1,024 tokens),
-RL step (full with separate copies, LoRA separate, LoRA on the Hydra
-backbone; 16 x (512 + 512) tokens), and one decode step (one token for the
+RL step (16 x (512 + 512) tokens): PolicyTrainer.lower's score, logprobs and
+update programs (--rl_programs) on a HydraModule (LoRA on one backbone) or
+SeparateModels (full or LoRA fine-tuning, separate copies), peak = the
+highest program's, FLOPs/bytes their sum; and one decode step (one token for the
 whole batch against a 1,024-slot KV cache, donated) at batch 1, 16, 64 and
 256. Llama-3.2-1B and Llama-2-7B shapes (benchmarks/rl_memory.py SIZES),
 bf16, remat full, LoRA r=8 on q,k,v,o. Memory comes from the full-depth
@@ -146,38 +148,13 @@ def compile_rm(cfg, partitioner, finetune, args, grad_accum_steps=1):
 
 
 def compile_rl(cfg, partitioner, setup, args):
-  import jax
-  import numpy as np
-  import optax
-  from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  """{program: compiled} of PolicyTrainer.lower for one setup (rl_memory)."""
   import rl_memory
-  from perl.models.config import LoRAConfig
-  from perl.trainers import core
-
-  lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-  with partitioner:
-    modules = nnx.eval_shape(lambda: rl_memory.build(setup, cfg, lora))
-  filters = rl_memory.trainable(setup)
-  graphdefs, train, frozen = {}, {}, {}
-  for name, module in modules.items():
-    if name in filters:
-      graphdefs[name], train[name], frozen[name] = nnx.split(module, filters[name], ...)
-    else:
-      graphdefs[name], frozen[name] = nnx.split(module)
-  tx = optax.adamw(1e-5)
-  opt_state = jax.eval_shape(tx.init, train)
-  train_sh = partitioner.state_shardings(train)
-  opt_sh = core.opt_state_shardings(opt_state, train_sh, partitioner.mesh)
-  b, t = args.rl_batch_size, args.prompt_length + args.response_length
-  batch_sh = {k: partitioner.batch_sharding(2) for k in ("tokens", "segment_ids")}
-  batch = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=s) for k, s in batch_sh.items()}
-  step = partitioner.jit(
-      rl_memory.make_step(setup, graphdefs, tx, args.prompt_length),
-      in_shardings=(train_sh, partitioner.state_shardings(frozen), opt_sh, batch_sh),
-      out_shardings=(train_sh, opt_sh, NamedSharding(partitioner.mesh, P())),
-      donate_argnums=(0, 2))
-  return step.lower(train, frozen, opt_state, batch).compile()
+  lowered, _ = rl_memory.lower_rl(
+      setup, cfg, partitioner=partitioner, batch_size=args.rl_batch_size,
+      prompt_length=args.prompt_length, response_length=args.response_length,
+      lora_rank=args.lora_rank, programs=tuple(args.rl_programs.split(",")))
+  return {name: low.compile() for name, low in lowered.items()}
 
 
 def compile_decode(cfg, partitioner, batch_size, args):
@@ -296,7 +273,8 @@ def measure(key, args):
               f"causal + segment ids")
   elif step.startswith("rl-"):
     build = lambda c: compile_rl(c, partitioner, step[3:], args)
-    config = f"{args.rl_batch_size} x ({args.prompt_length}+{args.response_length}) tok"
+    config = (f"{args.rl_batch_size} x ({args.prompt_length}+{args.response_length}) tok, "
+              f"PolicyTrainer {'+'.join(args.rl_programs.split(','))}")
   else:
     b = int(step.split("-b")[1])
     # Decode shards the batch (data) and KV heads (model) where they divide.
@@ -347,13 +325,17 @@ def measure(key, args):
   from perl.utils import hlo
   try:
     hbm = (decode_loop_hbm_bytes(cfg, partitioner, b, args) if step.startswith("decode-")
-           else float(hlo.hbm_bytes(compiled.as_text())))
+           else sum(float(hlo.hbm_bytes(c.as_text())) for c in _programs(compiled).values()))
   except ValueError as e:  # a loop whose trip count the HLO does not show
     print(f"{'/'.join(key)}: no HBM count ({e})", flush=True)
     hbm = None
-  mem = compiled.memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+  # The programs of a step run one after another: the slice must hold the
+  # one with the highest peak.
+  import rl_memory
+  program, mem, peaks = rl_memory.highest_peak(_programs(compiled))
+  if len(peaks) > 1:
+    extra.update(program=program, program_peak_gib={k: v / 2**30 for k, v in peaks.items()})
+  peak = peaks[program]
   return dict(
       chip=chip, size=size, step=step, topology=topo, chips=n,
       date=datetime.date.today().isoformat(), commit=_commit(), jax=jax.__version__,
@@ -390,10 +372,20 @@ def _save(measured):
   return rows
 
 
+def _programs(compiled) -> dict:
+  """{name: compiled} of a row: an RL step's several programs, or one."""
+  return compiled if isinstance(compiled, dict) else {"step": compiled}
+
+
 def _cost(compiled):
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  """(FLOPs, bytes accessed) summed over the row's programs."""
+  flops = nbytes = 0.0
+  for c in _programs(compiled).values():
+    cost = c.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops += float(cost.get("flops", 0.0))
+    nbytes += float(cost.get("bytes accessed", 0.0))
+  return flops, nbytes
 
 
 def _commit():
@@ -456,7 +448,11 @@ def render(rows: dict) -> str:
       "attn-splash row's FLOPs read 0; its bytes are the kernel's operands), so those",
       "compiles use XLA's attention, while each step row's memory comes from the",
       "program a TPU run compiles: splash attention (attention_impl='auto' on TPU;",
-      "`--attention_impl=xla` for XLA's, named in the config column).",
+      "`--attention_impl=xla` for XLA's, named in the config column). RL rows lower",
+      "`PolicyTrainer`'s own programs (the programs named in the config column) for a",
+      "HydraModule (rl-lora-hydra) or SeparateModels (rl-full-separate, rl-lora-separate:",
+      "policy, value, anchor and reward as four copies); peak is the program with the",
+      "highest peak (named), FLOPs and bytes the programs' sum.",
       "",
       "## Steps",
       "",
@@ -474,7 +470,8 @@ def render(rows: dict) -> str:
     lines.append(
         f"| {r['topology']} ({r['chips']} chips) | {r['date']} | {r['commit']} | {r['size']} | "
         f"{r['step']} | {r['config']}{', mesh ' + r['mesh'] if 'mesh' in r else ''}"
-        f"{', attention ' + r.get('attention', 'xla') if r['step'][:3] in ('rm-', 'rl-') else ''} | "
+        f"{', attention ' + r.get('attention', 'xla') if r['step'][:3] in ('rm-', 'rl-') else ''}"
+        f"{'; peak in ' + r['program'] if 'program' in r else ''} | "
         f"{r['peak_gib']:.2f} | {r['temp_gib']:.2f} | " + (
             "n/a: 1- and 2-layer compiles disagree | n/a | "
             if _no_cost(r) else f"{r['flops'] / 1e9:,.1f} | {r['bytes'] / 1e9:,.2f} | ")
@@ -563,6 +560,9 @@ def main(argv=None):
   p.add_argument("--prompt_length", type=int, default=512)
   p.add_argument("--response_length", type=int, default=512)
   p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--rl_programs", default="score,logprobs,update",
+                 help="PolicyTrainer.lower programs of an RL row: peak is their highest, "
+                 "FLOPs/bytes their sum (also: sample, advantages).")
   p.add_argument("--attention_impl", default="splash", choices=["xla", "splash"],
                  help="Attention kernel of the step rows' memory compile (their FLOPs "
                  "always come from XLA attention; the attn-* rows run both).")

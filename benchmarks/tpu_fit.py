@@ -14,8 +14,9 @@ device:
   (a) reward model: perl.trainers.core.Trainer step of a LoRA RewardModule
       (Bradley-Terry on chosen/rejected pairs), as benchmarks/
       reward_model_memory.py, AdamW on the adapter + head.
-  (b) RL: the lora-hydra step of benchmarks/rl_memory.py (reward, anchor and
-      policy/value on one frozen backbone; policy-gradient + value loss).
+  (b) RL: perl.trainers.policy.PolicyTrainer's programs on a HydraModule
+      (benchmarks/rl_memory.py lower_rl: reward, anchor and policy/value on one
+      frozen backbone): the highest peak of its score, logprobs and update.
 
 Targets:
   v5e (default when libtpu is importable) compiles for a real TPU v5e
@@ -40,6 +41,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from rl_memory import peak_bytes  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # chips -> (topology, chips per host): v5litepod-1/4/8 are one host (1, 4,
 # 8 chips); larger slices are hosts of 4 chips (2x2).
@@ -104,11 +106,6 @@ def mesh_spec(template: str, n: int) -> str:
   return template.format(n=n, n2=max(n // 2, 1), n4=max(n // 4, 1))
 
 
-def peak_bytes(mem) -> int:
-  return (mem.argument_size_in_bytes + mem.output_size_in_bytes
-          - mem.alias_size_in_bytes + mem.temp_size_in_bytes)
-
-
 def model_config(name: str, args):
   import dataclasses  # pylint: disable=g-import-not-at-top
   import reward_model_memory  # pylint: disable=g-import-not-at-top
@@ -146,45 +143,15 @@ def rm_memory(cfg, partitioner, args):
 
 
 def rl_memory_analysis(cfg, partitioner, args):
-  """Compiled memory of the LoRA-on-Hydra RL step (per device)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  """Compiled memory (per device) of the LoRA-on-Hydra PolicyTrainer program
+  with the highest peak among score, logprobs and update."""
   import rl_memory  # pylint: disable=g-import-not-at-top
-  from perl.models.config import LoRAConfig  # pylint: disable=g-import-not-at-top
-  from perl.trainers import core  # pylint: disable=g-import-not-at-top
-
-  setup = "lora-hydra"
-  lora = LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank)
-  with partitioner:
-    modules = nnx.eval_shape(lambda: rl_memory.build(setup, cfg, lora))
-  filters = rl_memory.trainable(setup)
-  graphdefs, train, frozen = {}, {}, {}
-  for name, module in modules.items():
-    if name in filters:
-      graphdefs[name], train[name], frozen[name] = nnx.split(
-          module, filters[name], ...)
-    else:
-      graphdefs[name], frozen[name] = nnx.split(module)
-  tx = optax.adamw(1e-5)
-  opt_state = jax.eval_shape(tx.init, train)
-  mesh = partitioner.mesh
-  train_sh = partitioner.state_shardings(train)
-  frozen_sh = partitioner.state_shardings(frozen)
-  opt_sh = core.opt_state_shardings(opt_state, train_sh, mesh)
-  b, t = args.rl_batch_size, args.prompt_length + args.response_length
-  batch_sh = {k: partitioner.batch_sharding(2)
-              for k in ("tokens", "segment_ids")}
-  batch = {k: jax.ShapeDtypeStruct((b, t), np.int32, sharding=s)
-           for k, s in batch_sh.items()}
-  step = partitioner.jit(
-      rl_memory.make_step(setup, graphdefs, tx, args.prompt_length),
-      in_shardings=(train_sh, frozen_sh, opt_sh, batch_sh),
-      out_shardings=(train_sh, opt_sh, NamedSharding(mesh, P())),
-      donate_argnums=(0, 2))
-  return step.lower(train, frozen, opt_state, batch).compile().memory_analysis()
+  lowered, _ = rl_memory.lower_rl(
+      "lora-hydra", cfg, partitioner=partitioner, batch_size=args.rl_batch_size,
+      prompt_length=args.prompt_length, response_length=args.response_length,
+      lora_rank=args.lora_rank)
+  _, mem, _ = rl_memory.highest_peak({n: low.compile() for n, low in lowered.items()})
+  return mem
 
 
 def main(argv=None):

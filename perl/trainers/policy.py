@@ -95,11 +95,15 @@ class PolicyTrainer:
       partitioner: partitioning.Partitioner,
       reward_module: RewardModule | None = None,
       reward_fn: RewardFn | None = None,
+      trainable: nnx.filterlib.Filter | None = None,
       abstract: bool = False,
   ):
     """reward_fn(tokens, segment_ids) -> [B]: a programmatic reward instead of
-    a reward model. abstract=True: `module` (and reward_module) come from
-    nnx.eval_shape; the trainer only lowers (see `lower`)."""
+    a reward model. trainable: what the update trains (default
+    `trainable_filter()`, a HydraModule's policy and value adapters and value
+    head; perl.models.separate.SeparateModels brings its own). abstract=True:
+    `module` (and reward_module) come from nnx.eval_shape; the trainer only
+    lowers (see `lower`)."""
     if rl.uses_value and not module.has_value:
       raise ValueError(f"{rl.algorithm} needs a value model: build the HydraModule "
                        "with a value adapter or value head.")
@@ -115,7 +119,7 @@ class PolicyTrainer:
     self.kl_controller = kl_lib.KLController(rl.kl)
     self._rl_step = 0  # RL iterations done (PPO's early stop varies the updates)
     self.trainer = core.Trainer(
-        model=module, trainable=trainable_filter(),
+        model=module, trainable=trainable_filter() if trainable is None else trainable,
         loss_fn=functools.partial(update_loss, rl=rl, temperature=self.temperature),
         optimizer=optimizer, total_steps=total_steps * rl.updates_per_rollout,
         partitioner=partitioner, abstract=abstract)

@@ -87,3 +87,33 @@ def test_bad_arguments_name_the_fix():
   module = SeparateModels(CFG, finetune="full", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="adapter 'reward'"):
     module.response_logprobs(TOKENS, prompt_length=3, adapter="reward", **FWD)
+
+
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_policy_trainer_trains_the_policy_and_value_copies_only(finetune):
+  from perl import decoding, partitioning
+  from perl.rl.config import RLConfig
+  from perl.trainers import core, policy
+
+  partitioner = partitioning.Partitioner("data=-1")
+  with partitioner:
+    module = partitioner.create_sharded_model(
+        lambda: SeparateModels(CFG, finetune=finetune, lora=LORA, rngs=nnx.Rngs(0)))
+  before = jax.tree.map(np.asarray, nnx.state(module))
+  trainer = policy.PolicyTrainer(
+      module=module, rl=RLConfig(), partitioner=partitioner, total_steps=4,
+      sampling=decoding.SamplingConfig(max_new_tokens=3, temperature=1.0),
+      optimizer=core.OptimizerConfig(learning_rate=1e-2, decay="constant"),
+      trainable=module.trainable())
+  prompts = np.array([[3, 4, 5], [0, 6, 7]] * 4, np.int32)
+  for i in range(2):
+    metrics = trainer.train_step({"prompt_tokens": prompts,
+                                  "prompt_mask": (prompts != 0).astype(np.int32)},
+                                 jax.random.key(i))
+  assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["value_loss"])
+  after = nnx.state(trainer.model())
+  moved = lambda part: max(
+      float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+      for a, b in zip(jax.tree.leaves(before[part]), jax.tree.leaves(after[part])))
+  assert moved("policy_model") > 0 and moved("value_model") > 0 and moved("value_head") > 0
+  assert moved("anchor_model") == 0 and moved("reward_model") == 0
