@@ -300,11 +300,16 @@ def measure(key, args):
     # scanned model hides L-1 layers. Unrolled 1- and 2-layer compiles give
     # the exact linear count for uniform layers: c(L) = c1 + (L-1)(c2 - c1).
     cost_build = cost_build or build
-    f1, b1 = _cost(cost_build(dataclasses.replace(cfg, num_layers=1, scan_layers=False)))
-    f2, b2 = _cost(cost_build(dataclasses.replace(cfg, num_layers=2, scan_layers=False)))
-    flops = f1 + (cfg.num_layers - 1) * (f2 - f1)
-    nbytes = b1 + (cfg.num_layers - 1) * (b2 - b1)
-    if f2 < f1 or b2 < b1:
+    if args.memory_only:
+      # Two compiles of each program fewer: the row records memory and HBM bytes.
+      flops = nbytes = None
+      extra["cost"] = "not compiled (--memory_only)"
+    else:
+      f1, b1 = _cost(cost_build(dataclasses.replace(cfg, num_layers=1, scan_layers=False)))
+      f2, b2 = _cost(cost_build(dataclasses.replace(cfg, num_layers=2, scan_layers=False)))
+      flops = f1 + (cfg.num_layers - 1) * (f2 - f1)
+      nbytes = b1 + (cfg.num_layers - 1) * (b2 - b1)
+    if not args.memory_only and (f2 < f1 or b2 < b1):
       # The compiler chose differently at 1 and 2 layers (e.g. another
       # fusion): the linear count does not hold, so no number is recorded.
       flops = nbytes = None
@@ -473,7 +478,7 @@ def render(rows: dict) -> str:
         f"{', attention ' + r.get('attention', 'xla') if r['step'][:3] in ('rm-', 'rl-') else ''}"
         f"{'; peak in ' + r['program'] if 'program' in r else ''} | "
         f"{r['peak_gib']:.2f} | {r['temp_gib']:.2f} | " + (
-            "n/a: 1- and 2-layer compiles disagree | n/a | "
+            f"n/a: {r.get('cost', '1- and 2-layer compiles disagree')} | n/a | "
             if _no_cost(r) else f"{r['flops'] / 1e9:,.1f} | {r['bytes'] / 1e9:,.2f} | ")
         + ("not recorded | " if r.get("hbm_bytes") is None else
            f"{r['hbm_bytes'] / 1e9:,.2f} | ") + f"{_roofline(r)} |")
@@ -560,6 +565,9 @@ def main(argv=None):
   p.add_argument("--prompt_length", type=int, default=512)
   p.add_argument("--response_length", type=int, default=512)
   p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--memory_only", action="store_true",
+                 help="Skip the 1- and 2-layer FLOP/byte compiles of step rows (their "
+                 "FLOPs and bytes read n/a; peak and HBM bytes are measured).")
   p.add_argument("--rl_programs", default="score,logprobs,update",
                  help="PolicyTrainer.lower programs of an RL row: peak is their highest, "
                  "FLOPs/bytes their sum (also: sample, advantages).")

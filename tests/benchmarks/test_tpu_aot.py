@@ -85,3 +85,12 @@ def test_a_run_keeps_the_rows_a_concurrent_run_wrote(tpu_aot, tmp_path, monkeypa
   assert on_disk["v5e/1b/rm-lora"]["peak_gib"] == 2.5
   assert on_disk["v5e/1b/rm-full"]["peak_gib"] == 4.0
   assert "| rm-full |" in md.read_text()
+
+
+def test_a_memory_only_rl_row_names_its_program_and_why_no_flops(tpu_aot):
+  row = dict(_row("rl-lora-hydra", 1.9), flops=None, bytes=None, program="update",
+             cost="not compiled (--memory_only)", attention="splash")
+  line = next(l for l in tpu_aot.render({"v5e/1b/rl-lora-hydra": row}).splitlines()
+              if "| rl-lora-hydra |" in l)
+  assert "attention splash; peak in update | 1.90 | 0.95 | " in line
+  assert "n/a: not compiled (--memory_only) | n/a | 1.00 | n/a |" in line
