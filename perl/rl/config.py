@@ -23,10 +23,14 @@ class RLConfig:
   samples_per_prompt: int = 1
   # KL coefficient β: fixed (PERL: 0.05) or adaptive towards a target KL.
   kl: kl_lib.KLControllerConfig = kl_lib.KLControllerConfig()
-  # Per-token KL(π‖π_anchor) estimator (perl.rl.kl): "k1", "k2", "k3" or "k3+";
-  # None: "k1" in the reward, "k3+" in the loss (where k1 and k3 are refused:
-  # their gradients are 0 and ∇KL(π_anchor‖π)).
-  kl_estimator: Literal["k1", "k2", "k3", "k3+"] | None = None
+  # KL(π‖π_anchor) estimator (perl.rl.kl): "k1", "k2", "k3", "k3+" or "seq".
+  # None: "k1" in the reward (the policy gradient is then exact for
+  # E[R] − β·KL) and "seq" in the loss (KL-to-go × score function: exact for
+  # whole responses). "k2" / "k3+" in the loss are verl / OpenRLHF's per-token
+  # losses: exact for one token, biased for longer responses (they drop how
+  # a token changes the later contexts). The loss refuses k1 and k3 (their
+  # gradients are 0 and ∇KL(π_anchor‖π)); the reward refuses "seq".
+  kl_estimator: Literal["k1", "k2", "k3", "k3+", "seq"] | None = None
   # "reward": −β·KL is part of the return; "loss": β·KL is added to the loss.
   kl_mode: Literal["reward", "loss"] = "reward"
   # PERL's objective (1−β)·r − β·KL; False gives r − β·KL.
@@ -90,6 +94,8 @@ class RLConfig:
                        f"of {kl_lib.ESTIMATORS}.")
     if self.kl_mode == "loss":
       kl_lib.check_loss_estimator(self.estimator)
+    else:
+      kl_lib.check_reward_estimator(self.estimator)
     if self.scale_reward_by_one_minus_beta and self.kl.init_coef >= 1.0:
       raise ValueError(
           f"KL coefficient β={self.kl.init_coef} with PERL's (1−β)·r objective "
@@ -107,7 +113,7 @@ class RLConfig:
   def estimator(self) -> str:
     if self.kl_estimator is not None:
       return self.kl_estimator
-    return "k3+" if self.kl_mode == "loss" else "k1"
+    return "seq" if self.kl_mode == "loss" else "k1"
 
   @property
   def uses_value(self) -> bool:

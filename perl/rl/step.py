@@ -111,7 +111,7 @@ def update_loss(
       "ratio_max": (_finite_or_one(jnp.where(live, ratio, -jnp.inf).max()) * count, count),
   }
   if rl.kl_mode == "loss":
-    kl_sum = (kl_lib.kl_estimate(logp, batch["anchor_logp"], rl.estimator) * mask).sum()
+    kl_sum = kl_lib.kl_loss_terms(logp, batch["anchor_logp"], mask, rl.estimator).sum()
     loss_sum = loss_sum + batch["beta"][0] * kl_sum
     metrics["kl_loss"] = (kl_sum, count)
   if rl.entropy_coef:

@@ -160,7 +160,7 @@ def test_config_validation():
 def test_kl_in_loss_mode_and_adaptive_coefficient():
   rl = policy.RLConfig(algorithm="grpo", samples_per_prompt=2, kl_mode="loss",
                        kl=kl_lib.KLControllerConfig(init_coef=0.1, target=0.01, horizon=10))
-  assert rl.estimator == "k3+"
+  assert rl.estimator == "seq"
   trainer = _trainer(rl, steps=3)
   coefs = [trainer.train_step(PROMPTS, jax.random.key(i))["kl_coef"] for i in range(3)]
   assert coefs[0] == pytest.approx(0.1)
