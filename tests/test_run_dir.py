@@ -5,6 +5,7 @@ import os
 import pytest
 
 from perl import run_dir
+from perl.models import config as model_config
 from perl.models.config import LoRAConfig
 from perl.run_dir import RecordedConfig, RecordedConfigError, RunDir
 
@@ -121,3 +122,35 @@ def test_unbound_macro_is_named(tmp_path):
   broken = _run(tmp_path, RM_CONFIG.replace("RANK = 4\n", ""))
   with pytest.raises(RecordedConfigError, match="macro %RANK"):
     run_dir.recorded_reward_lora(broken)
+
+
+class _Built(Exception):
+  """Stops the policy stage once its model is built."""
+
+
+def test_policy_stage_takes_the_reward_adapter_from_the_rm_config(
+    tmp_path, monkeypatch):
+  from flax import nnx
+  from perl.models import lora as lora_lib
+  from perl.trainers import policy
+  rm = _run(tmp_path, RM_CONFIG)  # rank 4, every projection
+  seen = {}
+
+  def load_reward_adapter(reward_checkpoint, module, base_checkpoint=None):
+    state = nnx.state(module, lora_lib.adapter_filter("reward"))
+    seen["paths"] = [".".join(str(k) for k in path)
+                     for path, _ in nnx.to_flat_state(state)]
+    seen["shapes"] = {v[...].shape for _, v in nnx.to_flat_state(state)}
+    raise _Built
+
+  monkeypatch.setattr(policy, "load_reward_adapter", load_reward_adapter)
+  with pytest.raises(_Built):
+    policy.train(
+        model_dir=str(tmp_path / "policy"), train_steps=1,
+        mixture_or_task_name="synthetic_prompts",
+        task_feature_lengths={"prompt": 48}, batch_size=4,
+        model_config=model_config.tiny(vocab_size=259),
+        reward_checkpoint=rm, mesh="data=-1")
+  projections = {p.split(".")[-4] for p in seen["paths"]}  # <proj>.lora.reward.lora_a
+  assert projections == {"q", "k", "v", "o", "gate", "up", "down"}, seen["paths"]
+  assert all(4 in shape for shape in seen["shapes"]), seen["shapes"]

@@ -38,6 +38,7 @@ import numpy as np
 from absl import logging
 
 from perl import checkpoints, partitioning
+from perl.run_dir import RunDir
 from perl.trainers import core, eval_rows
 from perl.trainers.metrics import MetricWriter
 from perl.utils import run_lock
@@ -124,13 +125,9 @@ def train_batches(
   return make
 
 
-INPUT_STATE_DIR = "input_state"
-
-
 def input_state_prefix(model_dir: str, step: int) -> str:
   """Where this process's input position at `step` is kept."""
-  return os.path.join(model_dir, INPUT_STATE_DIR, str(step),
-                      f"process_{jax.process_index()}")
+  return RunDir(model_dir).input_state(step, jax.process_index())
 
 
 def save_input_state(batches, model_dir: str, step: int,
@@ -141,7 +138,7 @@ def save_input_state(batches, model_dir: str, step: int,
   if save is None:
     return
   save(input_state_prefix(model_dir, step))
-  root = os.path.join(model_dir, INPUT_STATE_DIR)
+  root = RunDir(model_dir).input_states
   keep = {str(s) for s in keep_steps} | {str(step)}
   if jax.process_index() == 0:
     for name in os.listdir(root):
@@ -265,7 +262,7 @@ def export_on_finish(model_dir: str, adapter: str | None, *,
 
   def on_finish(trainer) -> None:
     model = trainer.model()
-    checkpoints.export_merged(f"{model_dir}/{checkpoints.EXPORT_DIR}",
+    checkpoints.export_merged(RunDir(model_dir).export,
                               part(model), adapter)
     from perl.models import peft_adapters  # pylint: disable=g-import-not-at-top
     peft_adapters.export_peft_adapter_if_hf_base(
@@ -321,7 +318,7 @@ class _Preemption:
 
   def reached(self, step: int) -> bool:
     if jax.process_count() > 1:
-      return self.manager._latest.reached_preemption(step)  # pylint: disable=protected-access
+      return self.manager.reached_preemption(step)
     return self.requested
 
   def close(self) -> None:
@@ -456,7 +453,7 @@ def _fit(*, trainer, model_dir, train_steps, train_batches, evaluate,
         last_saved = step
       if preempted:
         print(f"preempted (SIGTERM) at step {step}: saved"
-              f" {os.path.join(model_dir, 'checkpoints', str(step))}; rerun the"
+              f" {RunDir(model_dir).step_dir(step)}; rerun the"
               " same command to resume.", flush=True)
         summary.update(step=step, preempted=True)
         return summary

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable, Mapping
 
@@ -53,6 +52,7 @@ from perl.models.heads import RewardModule
 from perl.rl import kl as kl_lib
 from perl.rl import step as rl_step
 from perl.rl.config import RLConfig
+from perl.run_dir import RunDir, recorded_reward_lora
 from perl.trainers import core
 from perl.trainers.policy_init import (  # pylint: disable=unused-import
     REWARD_PARAMS, init_value_from_reward, load_reward_adapter)
@@ -411,6 +411,8 @@ def train(
   its adapter + head are loaded onto the policy's backbone from
   reward_checkpoint). Otherwise it is a separate RewardModule of that config
   loaded from reward_checkpoint's export/ (PERL's setup with a larger RM).
+  reward_lora None: the reward adapter's LoRAConfig is the one the
+  reward-model run recorded in reward_checkpoint/config.gin.
   """
   from perl import checkpoints  # pylint: disable=g-import-not-at-top
   from perl.data import pipeline  # pylint: disable=g-import-not-at-top
@@ -430,10 +432,13 @@ def train(
       feature_lengths=task_feature_lengths,
       base_checkpoints=(base_checkpoint, None if reward_model_config is None
                         else reward_checkpoint))
+  shared = reward_model_config is None
+  if shared and reward_lora is None:
+    # The adapter the reward-model run trained, as its config.gin records it.
+    reward_lora = recorded_reward_lora(reward_checkpoint)
   policy_lora = policy_lora or LoRAConfig()
   # PERL: the value model is a LoRA adapter of the policy's rank.
   value_lora = (value_lora or policy_lora) if rl.uses_value else None
-  shared = reward_model_config is None
   vocab = pipeline.vocabulary(mixture_or_task_name)
   sampling = dataclasses.replace(sampling, eos_id=vocab.eos_id)
   eval_sampling = dataclasses.replace(eval_sampling or sampling, eos_id=vocab.eos_id)
@@ -441,7 +446,7 @@ def train(
   module = partitioner.create_sharded_model(lambda: HydraModule(
       model_config, policy_lora=policy_lora, value_lora=value_lora,
       with_value_head=rl.uses_value,
-      reward_lora=(reward_lora or LoRAConfig()) if shared else None,
+      reward_lora=reward_lora if shared else None,
       rngs=nnx.Rngs(seed)))
   if base_checkpoint:
     checkpoints.load_base(base_checkpoint, module.backbone)
@@ -469,7 +474,7 @@ def train(
           batch_size=eval_batch_size or batch_size, partitioner=partitioner,
           split=eval_split, max_batches=eval_max_batches),
       sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth,
-      samples_dir=os.path.join(model_dir, policy_eval.SAMPLES_DIR),
+      samples_dir=RunDir(model_dir).eval_samples,
       samples_per_prompt=eval_samples_per_prompt)
 
   return loop.fit(

@@ -33,8 +33,6 @@ from perl.models.hydra import POLICY
 from perl.trainers import eval_rows
 
 TruthFn = Callable[[str, str], float]
-# Sub-directory of MODEL_DIR for the decoded samples of each eval.
-SAMPLES_DIR = "eval_samples"
 
 
 class Policy(Protocol):

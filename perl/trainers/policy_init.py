@@ -18,6 +18,7 @@ from flax import nnx
 
 from perl.models import lora as lora_lib
 from perl.models.hydra import REWARD, VALUE, HydraModule
+from perl.run_dir import RunDir
 
 
 def _copy_matching(src: nnx.State, dst: nnx.State, rename: Callable[[str], str]) -> bool:
@@ -73,17 +74,16 @@ def load_reward_adapter(reward_checkpoint: str, module: HydraModule,
   from perl import checkpoints  # pylint: disable=g-import-not-at-top
 
   root = os.path.abspath(os.path.expanduser(reward_checkpoint))
+  run = RunDir(root)
 
-  def latest(subs):
-    for sub in subs:
-      d = os.path.join(root, sub)
-      steps = sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
-      if steps:
-        return os.path.join(d, str(steps[-1]), "state")
-    raise FileNotFoundError(
-        f"REWARD_CHECKPOINT {root!r} holds no reward-model checkpoint (looked for "
-        f"{root}/best/<step> and {root}/checkpoints/<step>). Point it at the "
-        "MODEL_DIR of a finished LoRA reward-model run.")
+  def latest(best_first):
+    item = run.latest_state_item(best_first=best_first)
+    if item is None:
+      raise FileNotFoundError(
+          f"REWARD_CHECKPOINT {root!r} holds no reward-model checkpoint (looked"
+          f" for {run.best}/<step> and {run.checkpoints}/<step>). Point it at"
+          " the MODEL_DIR of a finished LoRA reward-model run.")
+    return item
 
   def read(step_dir):
     with ocp.StandardCheckpointer() as ckpt:
@@ -98,7 +98,7 @@ def load_reward_adapter(reward_checkpoint: str, module: HydraModule,
       found[name] = value
     return found
 
-  step_dir = latest(("best", "checkpoints"))
+  step_dir = latest(best_first=True)
   found = read(step_dir)
   state = nnx.state(module, REWARD_PARAMS)
   expected = checkpoints.flatten(state)
@@ -106,14 +106,14 @@ def load_reward_adapter(reward_checkpoint: str, module: HydraModule,
   if adapter and not found.keys() & set(adapter) and any(
       k.startswith("reward_head.") for k in found):
     base = os.path.abspath(os.path.expanduser(base_checkpoint or ""))
-    if not base_checkpoint or base not in (root, os.path.join(root, checkpoints.EXPORT_DIR)):
+    if not base_checkpoint or base not in (root, run.export):
       raise ValueError(
           f"REWARD_CHECKPOINT {root!r} trained no reward adapter (a Hydra-SFT "
           "run): its reward model is its export/ + head, so set BASE_CHECKPOINT "
           f"to the same directory (got {base_checkpoint!r}), or give "
           "REWARD_MODEL_CONFIG to load it as a separate backbone.")
-    if step_dir != latest(("checkpoints",)):  # the head of export/'s step
-      step_dir = latest(("checkpoints",))
+    if step_dir != latest(best_first=False):  # the head of export/'s step
+      step_dir = latest(best_first=False)
       found = read(step_dir)
     found.update({k: np.zeros(expected[k].shape) for k in adapter})
   checkpoints.check_compatible(

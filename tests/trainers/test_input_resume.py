@@ -8,10 +8,10 @@ import shutil
 import numpy as np
 import tensorflow as tf
 
-from perl import checkpoints
+from perl import checkpoints, run_dir
 from perl.data import pipeline
 from perl.models import config as model_config
-from perl.trainers import loop, reward_model
+from perl.trainers import loop, reward_model, runner
 
 TINY = model_config.tiny(vocab_size=259, num_layers=1, embed_dim=32,
                          num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
@@ -39,7 +39,8 @@ def _counting(monkeypatch):
 
 
 def _train(model_dir, train_steps, stop_at_step=None):
-  return reward_model.train(
+  return runner.train(
+      objective=reward_model.RewardModelObjective(),
       model_dir=str(model_dir), train_steps=train_steps,
       mixture_or_task_name="synthetic_preference",
       task_feature_lengths={"prompt": 48, "response": 32}, batch_size=8,
@@ -72,7 +73,7 @@ def test_resume_restores_the_input_position_without_replay(tmp_path, monkeypatch
 def test_without_a_saved_position_resume_replays_exactly(tmp_path, monkeypatch):
   produced = _counting(monkeypatch)
   _train(tmp_path / "run", STEPS + 2, stop_at_step=STEPS)
-  shutil.rmtree(tmp_path / "run" / loop.INPUT_STATE_DIR)  # as an older run left it
+  shutil.rmtree(tmp_path / "run" / run_dir.INPUT_STATE)  # as an older run left it
   produced["train"] = 0
   _train(tmp_path / "run", STEPS + 2)
   assert produced["train"] >= STEPS + 2
@@ -107,7 +108,8 @@ def test_resume_on_a_prepared_source_seeks_without_rereading(tmp_path,
   monkeypatch.setattr(prepared, "read_records", spy)
 
   def run(model_dir, stop_at_step=None):
-    return reward_model.train(
+    return runner.train(
+        objective=reward_model.RewardModelObjective(),
         model_dir=str(model_dir), train_steps=STEPS + 3,
         mixture_or_task_name="taskmaster4_pointwise_prepared",
         task_feature_lengths={"prompt": 48, "response": 32}, batch_size=8,
