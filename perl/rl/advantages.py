@@ -54,6 +54,35 @@ def group_normalized(scores: jax.Array, k: int, eps: float = 1e-4) -> jax.Array:
   return ((grouped - mean) / (std + eps)).reshape(-1)
 
 
+def group_centered(scores: jax.Array, k: int) -> jax.Array:
+  """Dr.GRPO: score − mean of its group of k (no division by the group's std)."""
+  if k < 2:
+    raise ValueError(f"Dr.GRPO needs at least 2 samples per prompt, got k={k}.")
+  grouped = scores.reshape(-1, k)
+  return (grouped - grouped.mean(axis=1, keepdims=True)).reshape(-1)
+
+
+def overlong_penalty(lengths: jax.Array, *, max_length: int, buffer: int,
+                     factor: float = 1.0) -> jax.Array:
+  """DAPO's soft overlong punishment (Yu et al. 2025, Eq. 13), [B] → [B].
+
+  0 up to max_length − buffer tokens, then falling linearly to −factor at
+  max_length: factor·((max_length − buffer) − |y|) / buffer. Responses are
+  never longer than max_length here (the sampler stops there), so Eq. 13's
+  −1 beyond it is the value at max_length.
+  """
+  if buffer <= 0:
+    return jnp.zeros_like(lengths, jnp.float32)
+  over = (lengths.astype(jnp.float32) - (max_length - buffer)) / buffer
+  return -factor * jnp.clip(over, 0.0, 1.0)
+
+
+def zero_variance_groups(scores, k: int, tol: float = 1e-6):
+  """[B/k] bool: whether each prompt's k scores are all equal (numpy or jax)."""
+  grouped = scores.reshape(-1, k)
+  return grouped.max(axis=1) - grouped.min(axis=1) <= tol
+
+
 def zero_variance_fraction(scores: jax.Array, k: int, tol: float = 1e-6) -> jax.Array:
   """Fraction of prompts whose k scores are all equal: no RLOO/GRPO signal."""
   grouped = scores.reshape(-1, k)

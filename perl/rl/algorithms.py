@@ -4,13 +4,23 @@ An `Algorithm` says everything the policy trainer needs to know about it:
   advantages     AdvantageInputs, RLConfig → (advantages, value targets,
                  value-loss mask), all [B, N]
   policy_loss    (logp, old_logp, advantages, mask, RLConfig) →
-                 (loss sum, token count, clipped-token count)
+                 (per-token loss, per-token "the clip was active"), both [B, N];
+                 perl.rl.step aggregates them by RLConfig.aggregation
   uses_value     whether it learns a value model (value adapter + head)
   min_samples_per_prompt   the k its advantages compare (RLOO, GRPO: 2)
-  whiten_default / never_whiten   advantage whitening when
-                 RLConfig.whiten_advantages is None / whatever it says
+  whiten_default / never_whiten   advantage whitening (over the whole
+                 rollout batch) when RLConfig.whiten_advantages is None /
+                 whatever it says
   clips_value    whether the value loss clips around the rollout's values
   epochs, minibatches   updates per rollout, from the config
+  clip_range     default (ε_low, ε_high) of a clipped policy loss
+  loss_aggregation   default RLConfig.loss_aggregation
+  overlong_buffer_fraction   default DAPO overlong buffer, as a fraction of
+                 the maximum response length (0: no overlong shaping)
+  filter_groups  dynamic sampling: groups whose k scores are all equal are
+                 dropped and replaced by freshly sampled ones (PolicyTrainer)
+  kl_penalty     whether RLConfig.kl=None means the default KL penalty (β =
+                 KLControllerConfig().init_coef) or none (β = 0)
 
 Adding an algorithm is one `register(Algorithm(...))` call: RLConfig, the
 trainer and the loss read only these fields, never the name.
@@ -45,20 +55,31 @@ class AdvantageInputs(NamedTuple):
 
 Targets = tuple[jax.Array, jax.Array, jax.Array]
 AdvantageFn = Callable[[AdvantageInputs, "RLConfig"], Targets]
-PolicyLossFn = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
+PolicyLossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 def pg_loss(logp, old_logp, advantages, mask, config):
   """−A·log π per token; nothing is clipped."""
   del old_logp, config
-  loss_sum, count = objectives.policy_gradient_loss(logp, advantages, mask)
-  return loss_sum, count, jnp.zeros(())
+  return objectives.pg_token_loss(logp, advantages), jnp.zeros_like(mask)
 
 
 def ppo_clip_loss(logp, old_logp, advantages, mask, config):
-  """PPO's clipped surrogate at RLConfig.clip_ratio."""
-  return objectives.ppo_policy_loss(logp, old_logp, advantages, mask,
-                                    clip_ratio=config.clip_ratio)
+  """PPO's clipped surrogate over RLConfig.clip_range (ε_low, ε_high)."""
+  del mask
+  low, high = config.clip_range
+  ratio = jnp.exp(logp - jax.lax.stop_gradient(old_logp))
+  return objectives.clipped_token_loss(ratio, advantages, clip_low=low, clip_high=high)
+
+
+def gspo_loss(logp, old_logp, advantages, mask, config):
+  """GSPO's clipped surrogate in the length-normalised sequence ratio s_i.
+
+  The clip is per sequence: every token of y_i carries the same s_i.
+  """
+  low, high = config.clip_range
+  ratio = objectives.sequence_ratio(logp, old_logp, mask)
+  return objectives.clipped_token_loss(ratio, advantages, clip_low=low, clip_high=high)
 
 
 def _one(config) -> int:
@@ -80,6 +101,11 @@ class Algorithm:
   clips_value: bool = False
   epochs: Callable[["RLConfig"], int] = _one
   minibatches: Callable[["RLConfig"], int] = _one
+  clip_range: tuple[float, float] = (0.2, 0.2)
+  loss_aggregation: str = "token-mean"
+  overlong_buffer_fraction: float = 0.0
+  filter_groups: bool = False
+  kl_penalty: bool = True
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -159,3 +185,56 @@ PPO = register(Algorithm(
     whiten_default=True, clips_value=True,
     epochs=lambda config: config.ppo_epochs,
     minibatches=lambda config: config.num_minibatches))
+
+
+def _minibatches(config) -> int:
+  return config.num_minibatches
+
+
+def _dr_grpo(x: AdvantageInputs, config) -> Targets:
+  """The return minus its group's mean, not divided by the group's std."""
+  advantages = adv_lib.group_centered(x.seq_return, config.samples_per_prompt)
+  return advantages[:, None] * x.mask, jnp.zeros_like(x.mask), jnp.zeros_like(x.mask)
+
+
+def _reinforce_pp(x: AdvantageInputs, config) -> Targets:
+  """REINFORCE++: the return-to-go of per-token rewards (the score on the
+  last token, −β·KL on each when the KL is in the reward), no critic; the
+  batch-wide normalisation is the whitening (whiten_default)."""
+  rewards = adv_lib.last_token_rewards(x.scaled_scores, x.mask)
+  if config.kl_mode == "reward":
+    rewards = rewards - x.beta * x.kl_tok
+  advantages, _ = adv_lib.gae(rewards, jnp.zeros_like(x.mask), x.mask,
+                              gamma=config.gamma, lam=1.0)
+  return advantages, jnp.zeros_like(x.mask), jnp.zeros_like(x.mask)
+
+
+# DAPO (Yu et al. 2025, arXiv 2503.14476): GRPO's group-normalised
+# advantages with clip-higher (ε_low 0.2, ε_high 0.28), token-mean loss,
+# soft overlong punishment over the last 20% of the response length (the
+# paper's 4,096 of 20,480 tokens), dynamic sampling, and no KL penalty.
+DAPO = register(Algorithm(
+    name="dapo", advantages=_grpo, policy_loss=ppo_clip_loss,
+    min_samples_per_prompt=2, never_whiten=True, minibatches=_minibatches,
+    clip_range=(0.2, 0.28), loss_aggregation="token-mean",
+    overlong_buffer_fraction=0.2, filter_groups=True, kl_penalty=False))
+# Dr.GRPO (Liu et al. 2025, arXiv 2503.20783): the group-mean baseline
+# without std normalisation, and the token sum of each response divided by
+# a constant (the maximum response length), not by its own length.
+DR_GRPO = register(Algorithm(
+    name="dr_grpo", advantages=_dr_grpo, policy_loss=ppo_clip_loss,
+    min_samples_per_prompt=2, never_whiten=True, minibatches=_minibatches,
+    loss_aggregation="seq-mean-token-sum-norm"))
+# GSPO (Zheng et al. 2025, arXiv 2507.18071): group-normalised advantages,
+# the length-normalised sequence ratio clipped per sequence at the paper's
+# (3e-4, 4e-4), each sequence's loss weighted equally.
+GSPO = register(Algorithm(
+    name="gspo", advantages=_grpo, policy_loss=gspo_loss,
+    min_samples_per_prompt=2, never_whiten=True, minibatches=_minibatches,
+    clip_range=(3e-4, 4e-4), loss_aggregation="seq-mean-token-mean"))
+# REINFORCE++ (Hu 2025, arXiv 2501.03262): per-token k1 KL in the reward,
+# the return-to-go (γ = RLConfig.gamma, 1 by default as the paper), the
+# advantages whitened over the whole rollout batch, PPO's clip, no critic.
+REINFORCE_PP = register(Algorithm(
+    name="reinforce_pp", advantages=_reinforce_pp, policy_loss=ppo_clip_loss,
+    whiten_default=True, minibatches=_minibatches))

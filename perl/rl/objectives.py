@@ -43,6 +43,73 @@ def ppo_policy_loss(
   return (loss * mask).sum(), token_count(mask), jax.lax.stop_gradient(was_clipped.sum())
 
 
+# How a per-token loss becomes one number, with verl's `loss_agg_mode` names.
+# TRL's GRPOConfig.loss_type: "bnpo" / "dapo" = token-mean, "grpo" =
+# seq-mean-token-mean, "dr_grpo" = seq-mean-token-sum-norm.
+#   token-mean               Σ_i Σ_t ℓ / Σ_i |y_i|            (DAPO, PPO)
+#   seq-mean-token-sum       (1/B) Σ_i Σ_t ℓ
+#   seq-mean-token-mean      (1/B) Σ_i (1/|y_i|) Σ_t ℓ         (GRPO paper, GSPO)
+#   seq-mean-token-sum-norm  (1/B) Σ_i Σ_t ℓ / N, N the maximum response
+#                            length (Dr.GRPO's constant normaliser)
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                "seq-mean-token-sum-norm")
+
+
+def aggregation_weights(mask: jax.Array, mode: str) -> tuple[jax.Array, jax.Array]:
+  """(per-token weights [B, N], denominator): the loss is Σ w·ℓ / denominator.
+
+  The (sum, denominator) form keeps minibatch sums exact, as every loss here.
+  """
+  mask = mask.astype(jnp.float32)
+  if mode == "token-mean":
+    return mask, token_count(mask)
+  rows = jnp.float32(mask.shape[0])
+  if mode == "seq-mean-token-sum":
+    return mask, rows
+  if mode == "seq-mean-token-mean":
+    return mask / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0), rows
+  if mode == "seq-mean-token-sum-norm":
+    return mask / mask.shape[1], rows
+  raise ValueError(f"RLConfig.loss_aggregation={mode!r}: choose one of {AGGREGATIONS}.")
+
+
+def pg_token_loss(logp: jax.Array, advantages: jax.Array) -> jax.Array:
+  """REINFORCE's per-token −A·log π ([B, N]; A [B] or [B, N])."""
+  if advantages.ndim == 1:
+    advantages = advantages[:, None]
+  return -(jax.lax.stop_gradient(advantages) * logp)
+
+
+def clipped_token_loss(
+    ratio: jax.Array, advantages: jax.Array, *, clip_low: float, clip_high: float,
+) -> tuple[jax.Array, jax.Array]:
+  """−min(ρ·A, clip(ρ, 1−ε_low, 1+ε_high)·A) per token and where the clip won.
+
+  ε_low = ε_high is PPO; ε_high > ε_low is DAPO's clip-higher.
+  """
+  if advantages.ndim == 1:
+    advantages = advantages[:, None]
+  advantages = jax.lax.stop_gradient(advantages)
+  unclipped = ratio * advantages
+  clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high) * advantages
+  was_clipped = (clipped < unclipped).astype(ratio.dtype)
+  return -jnp.minimum(unclipped, clipped), was_clipped
+
+
+def sequence_ratio(logp: jax.Array, old_logp: jax.Array, mask: jax.Array) -> jax.Array:
+  """GSPO's s_i = (π(y_i)/π_old(y_i))^(1/|y_i|) on every token of y_i, [B, N].
+
+  Its value is s_i on each token; its gradient there is s_i·∇log π(y_t), so
+  the seq-mean-token-mean of a loss in it has GSPO's gradient
+  (1/B) Σ_i s_i·A_i·(1/|y_i|) Σ_t ∇log π(y_t) (as verl writes it).
+  """
+  mask = mask.astype(logp.dtype)
+  diff = jnp.where(mask > 0, logp - jax.lax.stop_gradient(old_logp), 0.0)
+  seq_log = (diff.sum(axis=1, keepdims=True)
+             / jnp.maximum(mask.sum(axis=1, keepdims=True), 1.0))
+  return jnp.exp(jax.lax.stop_gradient(seq_log) + logp - jax.lax.stop_gradient(logp))
+
+
 def value_loss(
     values: jax.Array, returns: jax.Array, mask: jax.Array, *,
     old_values: jax.Array | None = None, clip: float | None = None,

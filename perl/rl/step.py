@@ -34,13 +34,18 @@ def advantages(
   mask = mask.astype(jnp.float32)
   if rl.missing_eos_penalty is not None:
     scores = scores - jnp.where(done, 0.0, rl.missing_eos_penalty)
+  # DAPO's overlong shaping is part of the reward; reward_mean stays the score.
+  buffer = rl.overlong_buffer_tokens(mask.shape[1])
+  overlong = adv_lib.overlong_penalty(mask.sum(axis=1), max_length=mask.shape[1],
+                                      buffer=buffer, factor=rl.overlong_penalty)
+  shaped = scores + overlong if buffer else scores
   kl_tok = kl_lib.kl_estimate(policy_logp, anchor_logp, rl.estimator) * mask
   seq_kl = kl_tok.sum(axis=1)
   # The true per-sequence KL estimate for logging, whatever the estimator.
   seq_kl_k1 = ((policy_logp - anchor_logp) * mask).sum(axis=1)
   scale = (1.0 - beta) if rl.scale_reward_by_one_minus_beta else 1.0
   in_reward = rl.kl_mode == "reward"
-  scaled_scores = scale * scores
+  scaled_scores = scale * shaped
   seq_return = scaled_scores - (beta * seq_kl if in_reward else 0.0)
   old_values = jnp.zeros_like(mask) if values is None else values
   algorithm = rl.algo
@@ -64,6 +69,8 @@ def advantages(
       "truncation_rate": 1.0 - done.astype(jnp.float32).mean(),
       "entropy": adv_lib.masked_mean(entropy, mask),
   }
+  if buffer:
+    stats["overlong_penalty"] = overlong.mean()
   if k > 1:
     stats["zero_variance_groups"] = adv_lib.zero_variance_fraction(seq_return, k)
   if algorithm.uses_value:
@@ -84,7 +91,10 @@ def update_loss(
     *, logp: jax.Array, entropy: jax.Array | None, values: jax.Array | None,
     batch: Mapping[str, jax.Array], config: RLConfig,
 ) -> tuple[jax.Array, jax.Array, dict[str, Any]]:
-  """(loss sum, token count, {metric: (sum, count)}) of one update batch.
+  """(loss sum, denominator, {metric: (sum, count)}) of one update batch.
+
+  The denominator is RLConfig.aggregation's (the token count for
+  token-mean, the number of responses for the seq-mean modes).
 
   logp, entropy: the policy's [B, N] response log-probs and entropies under
   the parameters being trained (entropy may be None when entropy_coef is 0);
@@ -96,26 +106,32 @@ def update_loss(
   mask = batch["response_mask"].astype(jnp.float32)
   # 0 while the critic warms up: the policy terms give no gradient.
   policy_weight = batch["policy_weight"][0]
-  loss_sum, count, clipped = algorithm.policy_loss(
+  token_loss, clipped = algorithm.policy_loss(
       logp, batch["old_logp"], batch["advantages"], mask, rl)
+  # Every per-token term is aggregated with the same weights.
+  weights, count = objectives.aggregation_weights(mask, rl.aggregation)
+  loss_sum = (token_loss * weights).sum()
+  tokens = objectives.token_count(mask)
+  clipped = jax.lax.stop_gradient((clipped * mask).sum())
   diff = jax.lax.stop_gradient(logp - batch["old_logp"])
   ratio = jnp.exp(diff)
   live = mask > 0
   # Whole-batch min / max as (value·count, count) pairs: exact, since the
   # policy step never splits into micro-batches (grad_accum_steps=1).
   metrics = {
-      "policy_loss": (loss_sum, count), "clip_fraction": (clipped, count),
-      "approx_kl": ((0.5 * jnp.square(diff) * mask).sum(), count),
-      "ratio_mean": ((ratio * mask).sum(), count),
-      "ratio_min": (_finite_or_one(jnp.where(live, ratio, jnp.inf).min()) * count, count),
-      "ratio_max": (_finite_or_one(jnp.where(live, ratio, -jnp.inf).max()) * count, count),
+      "policy_loss": (loss_sum, count), "clip_fraction": (clipped, tokens),
+      "approx_kl": ((0.5 * jnp.square(diff) * mask).sum(), tokens),
+      "ratio_mean": ((ratio * mask).sum(), tokens),
+      "ratio_min": (_finite_or_one(jnp.where(live, ratio, jnp.inf).min()) * tokens, tokens),
+      "ratio_max": (_finite_or_one(jnp.where(live, ratio, -jnp.inf).max()) * tokens, tokens),
   }
   if rl.kl_mode == "loss":
-    kl_sum = kl_lib.kl_loss_terms(logp, batch["anchor_logp"], mask, rl.estimator).sum()
+    kl_sum = (kl_lib.kl_loss_terms(logp, batch["anchor_logp"], mask, rl.estimator)
+              * weights).sum()
     loss_sum = loss_sum + batch["beta"][0] * kl_sum
     metrics["kl_loss"] = (kl_sum, count)
   if rl.entropy_coef:
-    ent_sum = (entropy * mask).sum()
+    ent_sum = (entropy * weights).sum()
     loss_sum = loss_sum - rl.entropy_coef * ent_sum
   loss_sum = policy_weight * loss_sum
   if algorithm.uses_value:

@@ -53,7 +53,7 @@ from perl.rl import kl as kl_lib
 from perl.rl import step as rl_step
 from perl.rl.config import RLConfig
 from perl.run_dir import RunDir, recorded_reward_lora
-from perl.trainers import core
+from perl.trainers import core, dynamic_sampling
 from perl.trainers.policy_init import (  # pylint: disable=unused-import
     REWARD_PARAMS, init_value_from_reward, load_reward_adapter)
 from perl.trainers.rollout import RewardFn, Rollout
@@ -116,7 +116,7 @@ class PolicyTrainer:
     self.sampling = sampling
     # The temperature of the distribution that is sampled and trained.
     self.temperature = decoding.scoring_temperature(sampling)
-    self.kl_controller = kl_lib.KLController(rl.kl)
+    self.kl_controller = kl_lib.KLController(rl.kl_config)
     self._rl_step = 0  # RL iterations done (PPO's early stop varies the updates)
     self.trainer = core.Trainer(
         model=module, trainable=trainable_filter() if trainable is None else trainable,
@@ -304,6 +304,10 @@ class PolicyTrainer:
     seg = jnp.concatenate([shard["m"], out.mask], axis=1)
     scores = jax.block_until_ready(self.score(tokens, seg))
     timings["time_score"] = time.perf_counter() - t
+    sampling_stats = {}  # dynamic sampling: keep groups whose scores differ
+    if rl.algo.filter_groups:
+      out, tokens, seg, scores, sampling_stats = dynamic_sampling.filter_groups(
+          self, shard, out, scores, step_rng, timings)
 
     t = time.perf_counter()
     lp = jax.block_until_ready(self.logprobs(tokens, seg, prompt_length))
@@ -354,6 +358,7 @@ class PolicyTrainer:
     self._rl_step += 1
     metrics.update({key: float(v) for key, v in stats.items()})
     metrics.update(timings)
+    metrics.update(sampling_stats)
     metrics["kl_coef"] = beta
     metrics["critic_warmup"] = float(warming_up)
     return metrics

@@ -131,14 +131,15 @@ def test_unknown_algorithm_and_too_few_samples_are_named():
 
 
 def test_gin_names_are_import_paths():
+  # Imported first: gin only knows the configurables of imported modules.
+  from perl import decoding  # pylint: disable=g-import-not-at-top
+  from perl.rl import kl  # pylint: disable=g-import-not-at-top
   gin.parse_config("""
       perl.rl.config.RLConfig.samples_per_prompt = 3
       perl.rl.kl.KLControllerConfig.init_coef = 0.2
       perl.decoding.SamplingConfig.max_new_tokens = 5
   """)
   try:
-    from perl import decoding  # pylint: disable=g-import-not-at-top
-    from perl.rl import kl  # pylint: disable=g-import-not-at-top
     assert RLConfig().samples_per_prompt == 3
     assert kl.KLControllerConfig().init_coef == 0.2
     assert decoding.SamplingConfig().max_new_tokens == 5

@@ -9,7 +9,7 @@ pipeline: the trainer's sample, score and logprobs programs on 16 rollout
 batches of 1,024, then perl.rl.step.advantages and perl.rl.step.update_loss;
 its gradient w.r.t. the policy adapter is the chain rule through the
 learner's log-probs (the update loss reaches the policy only through them).
-The update loss is a token mean, so what it estimates is ∇J / E[length].
+Its loss aggregation fixes the scale: a token mean estimates ∇J / E[length] (_norm).
 
 For each registered algorithm × KL mode the estimate over 16,384 rollouts
 must sit within 2× its own noise floor (the spread of the 16 batch estimates
@@ -97,6 +97,18 @@ EXPECT = {
                 "reward-k1": 0.83, "loss-k2": 1.19, "loss-k3+": 1.19,
                 "loss-seq": 1.25})],
     "grpo": [Expect("group", dict(samples_per_prompt=2))],
+    # GRPO's advantages with clip-higher (inactive at ratio 1); the dynamic
+    # sampling of train_step is not run here.
+    "dapo": [Expect("group", dict(samples_per_prompt=2))],
+    # R − group mean: E[A_i ∇log π(y_i)] = (k−1)/k · ∇E[R]; the KL loss unscaled.
+    "dr_grpo": [Expect("exact", dict(samples_per_prompt=2), scale=0.5)],
+    # Group-normalised, each response's tokens weighted 1/|y|.
+    "gspo": [Expect("group", dict(samples_per_prompt=2))],
+    # The return-to-go is exact; whitening over the batch scales the step.
+    "reinforce_pp": [Expect("exact", dict(whiten_advantages=False)),
+                     Expect("scaled", {}, tol=0.1, scale={
+                         "reward-k1": 0.86, "loss-k2": 2.57, "loss-k3+": 2.57,
+                         "loss-seq": 2.63})],
 }
 
 
@@ -246,10 +258,12 @@ def _group_expectation(rl):
   r = dict(scores=e["reward"][rows], mask=e["mask"][rows],
            done=jnp.ones(len(rows), bool), lp={})
   cot = _cotangent(rl, r, logp=e["logp"][rows], anchor=e["anchor"][rows])
-  tokens_in = float(e["mask"][rows].sum())
-  # update_loss divided by the enumerated batch's token count; undo it and
-  # take the probability-weighted mean response length instead.
-  coef_rows = np.asarray(cot) * tokens_in / e["length"]
+  # update_loss divided by the enumerated batch's denominator; undo it. A
+  # token mean's expectation is then over the probability-weighted mean
+  # response length; a seq-mean's is over responses (its weights in cot).
+  token_mean = rl.aggregation == "token-mean"
+  denom = float(e["mask"][rows].sum()) if token_mean else float(len(rows))
+  coef_rows = np.asarray(cot) * denom / (e["length"] if token_mean else 1.0)
   weight = np.asarray(e["prob"])[first] * np.asarray(e["prob"])[second]
   coef_first = coef_rows.reshape(-1, 2, 2)[:, 0] * weight[:, None]
   coef = np.zeros((len(e["tokens"]), 2))
@@ -260,16 +274,28 @@ def _group_expectation(rl):
 # -- the test -----------------------------------------------------------------------
 
 
-def _reference(expect, mode, rl, est):
-  """(documented quantity, ∇J / E[length], measured scale)."""
+def _norm(rl):
+  """What the update loss's aggregation divides ∇J by in expectation: E[length]
+  for token-mean, 1 for seq-mean-token-sum, the maximum length for
+  seq-mean-token-sum-norm. seq-mean-token-mean weights each response by
+  1/|y| (no multiple of ∇J; E[length] is the nominal scale it is compared at)."""
   e = _setup()["exact"]
-  grad_j = e["grad_j"] / e["length"]
+  return {"seq-mean-token-sum": 1.0,
+          "seq-mean-token-sum-norm": float(e["mask"].shape[1])}.get(
+              rl.aggregation, e["length"])
+
+
+def _reference(expect, mode, rl, est):
+  """(documented quantity, ∇J / _norm, measured scale)."""
+  e = _setup()["exact"]
+  norm = _norm(rl)
+  grad_j = e["grad_j"] / norm
   kl_part = 0.0
   pg = grad_j
   if mode != "reward-k1":
-    pg = e["grad_reward"] / e["length"]
+    pg = e["grad_reward"] / norm
     exact_kl = grad_j - pg
-    kl_part = e["grad_kl_per_token"] / e["length"] if mode in PER_TOKEN_KL else exact_kl
+    kl_part = e["grad_kl_per_token"] / norm if mode in PER_TOKEN_KL else exact_kl
   if expect.kind == "group":
     return _group_expectation(rl), grad_j, None
   measured = float(np.dot(est - kl_part, pg) / np.dot(pg, pg))
