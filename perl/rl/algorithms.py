@@ -213,6 +213,8 @@ def _reinforce_pp(x: AdvantageInputs, config) -> Targets:
 # advantages with clip-higher (ε_low 0.2, ε_high 0.28), token-mean loss,
 # soft overlong punishment over the last 20% of the response length (the
 # paper's 4,096 of 20,480 tokens), dynamic sampling, and no KL penalty.
+# Its gradient is GRPO's (biased by the std normalisation), and dynamic
+# sampling conditions each step on groups whose scores differ.
 DAPO = register(Algorithm(
     name="dapo", advantages=_grpo, policy_loss=ppo_clip_loss,
     min_samples_per_prompt=2, never_whiten=True, minibatches=_minibatches,
@@ -221,13 +223,16 @@ DAPO = register(Algorithm(
 # Dr.GRPO (Liu et al. 2025, arXiv 2503.20783): the group-mean baseline
 # without std normalisation, and the token sum of each response divided by
 # a constant (the maximum response length), not by its own length.
+# Unbiased up to a constant: E[(R_i − mean_k R)·∇log π(y_i)] = (k−1)/k·∇E[R],
+# so the step is (k−1)/k·∇J / max length (the KL-in-loss part unscaled).
 DR_GRPO = register(Algorithm(
     name="dr_grpo", advantages=_dr_grpo, policy_loss=ppo_clip_loss,
     min_samples_per_prompt=2, never_whiten=True, minibatches=_minibatches,
     loss_aggregation="seq-mean-token-sum-norm"))
 # GSPO (Zheng et al. 2025, arXiv 2507.18071): group-normalised advantages,
 # the length-normalised sequence ratio clipped per sequence at the paper's
-# (3e-4, 4e-4), each sequence's loss weighted equally.
+# (3e-4, 4e-4), each sequence's loss weighted equally (its tokens by 1/|y|):
+# biased by design, like GRPO, by the std normalisation and the 1/|y|.
 GSPO = register(Algorithm(
     name="gspo", advantages=_grpo, policy_loss=gspo_loss,
     min_samples_per_prompt=2, never_whiten=True, minibatches=_minibatches,
@@ -235,6 +240,10 @@ GSPO = register(Algorithm(
 # REINFORCE++ (Hu 2025, arXiv 2501.03262): per-token k1 KL in the reward,
 # the return-to-go (γ = RLConfig.gamma, 1 by default as the paper), the
 # advantages whitened over the whole rollout batch, PPO's clip, no critic.
+# Without whitening the return-to-go gives ∇J exactly (/ E[length], token
+# mean); whitening divides the reward's part by a batch std, an effective
+# learning-rate change (×0.86 with k1 in the reward on
+# tests/rl/test_exact_gradient.py's setup).
 REINFORCE_PP = register(Algorithm(
     name="reinforce_pp", advantages=_reinforce_pp, policy_loss=ppo_clip_loss,
     whiten_default=True, minibatches=_minibatches))
