@@ -4,8 +4,9 @@
 `lax.while_loop` of single-token steps over a static-shape KV cache, stopping
 early once every row has emitted EOS. It returns the sampled tokens, their
 log-probabilities under the distribution they were sampled from,
-softmax(logits / temperature) (the policy RL trains; untempered when greedy),
-and a response mask. Prompts are left-padded so every row's last prompt
+softmax(logits / temperature) renormalised over the top-k / top-p kept set
+(the policy RL trains; untempered and untruncated when greedy), and a
+response mask. Prompts are left-padded so every row's last prompt
 token sits in the last column; RoPE positions skip the padding.
 """
 
@@ -21,21 +22,31 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from perl import logprobs as logprobs_lib
 from perl.models.transformer import KVCache, Transformer
 
 
 @gin.configurable(module="perl.decoding")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingConfig:
-  """How to pick each next token."""
+  """How to pick each next token.
+
+  The sampled distribution, softmax(logits / temperature) renormalised over
+  the top-k / top-p kept set (perl.logprobs.kept_set), is also the one the
+  RL learner scores: the rollout's and the update's policy log-probs and
+  entropy. The anchor (LoRA off) is scored untruncated at the same
+  temperature, so KL(π_sampled ‖ π_anchor) stays finite.
+  """
 
   # Number of tokens to generate after the prompt (the static response length).
   max_new_tokens: int
   # Softmax temperature for sampling (ignored when greedy).
   temperature: float = 1.0
-  # Keep only the k most likely tokens (0 disables).
+  # Keep only the k most likely tokens (0 disables); ties with the k-th kept.
+  # RL trains the renormalised distribution over them (the anchor stays whole).
   top_k: int = 0
   # Keep the smallest set of tokens whose probability reaches top_p (1 disables).
+  # RL trains the renormalised distribution over them (the anchor stays whole).
   top_p: float = 1.0
   # Take the argmax instead of sampling.
   greedy: bool = False
@@ -49,8 +60,9 @@ class SamplingConfig:
 class DecodeOutput:
   # [B, N] sampled tokens (pad_id after EOS).
   tokens: jax.Array
-  # [B, N] log softmax(logits / scoring_temperature)[token] (0 where mask is 0):
-  # the tempered policy; top-k / top-p truncation is not applied to it.
+  # [B, N] log softmax(process_logits(logits))[token] (0 where mask is 0): the
+  # tempered policy renormalised over the top-k / top-p kept set, i.e. the
+  # distribution the token was drawn from (untempered softmax when greedy).
   logprobs: jax.Array
   # [B, N] 1 on response tokens, EOS included; 0 after it.
   mask: jax.Array
@@ -63,65 +75,36 @@ def scoring_temperature(config: SamplingConfig) -> float:
   return 1.0 if config.greedy else max(float(config.temperature), 1e-6)
 
 
+def scoring_truncation(config: SamplingConfig) -> dict[str, Any]:
+  """top_k / top_p of the distribution the samples come from (none when greedy)."""
+  if config.greedy:
+    return {"top_k": 0, "top_p": 1.0}
+  return {"top_k": int(config.top_k), "top_p": float(config.top_p)}
+
+
 def prompt_positions(prompt_mask: jax.Array) -> jax.Array:
   """RoPE positions of left-padded prompts: 0 at each row's first real token."""
   return jnp.maximum(jnp.cumsum(prompt_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-# Candidates lax.top_k hands to top-p before any full-vocabulary sort.
-TOP_P_CANDIDATES = 256
-
-
-def _top_p_cutoff_sorted(logits: jax.Array, top_p: float) -> jax.Array:
-  """Reference nucleus cutoff: sorts the whole vocabulary."""
-  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(sorted_logits, axis=-1)
-  # Mass strictly before each sorted token; keep tokens while it is < top_p,
-  # so the most likely token always survives.
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = mass_before < top_p
-  return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-
-
-def _top_p_cutoff(logits: jax.Array, top_p: float, candidates: int) -> jax.Array:
-  """Nucleus cutoff from lax.top_k candidates; exact.
-
-  The nucleus is almost always far smaller than the vocabulary, so the
-  `candidates` most likely tokens (lax.top_k: a partial selection, not a
-  sort of all V) decide it. Only when some row's candidates hold less than
-  `top_p` of the mass does the full sort run (lax.cond), so the result equals
-  `_top_p_cutoff_sorted` in every case.
-  """
-  k = min(candidates, logits.shape[-1])
-  values = jax.lax.top_k(logits, k)[0]  # descending
-  probs = jnp.exp(values - jax.nn.logsumexp(logits, axis=-1, keepdims=True))
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  keep = mass_before < top_p
-  cutoff = jnp.min(jnp.where(keep, values, jnp.inf), axis=-1, keepdims=True)
-  covered = jnp.all(jnp.sum(probs, axis=-1) >= top_p) | (k == logits.shape[-1])
-  return jax.lax.cond(covered, lambda: cutoff,
-                      lambda: _top_p_cutoff_sorted(logits, top_p))
-
-
 def process_logits(logits: jax.Array, config: SamplingConfig) -> jax.Array:
-  """Temperature, top-k and top-p applied to [B, V] float32 logits."""
+  """Temperature, then top-k / top-p (perl.logprobs.truncate) on [B, V] logits."""
   logits = logits / jnp.maximum(config.temperature, 1e-6)
-  neg = jnp.finfo(logits.dtype).min
-  if config.top_k:
-    kth = jax.lax.top_k(logits, config.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, neg, logits)
-  if config.top_p < 1.0:
-    # After top-k only top_k tokens have mass: they are the candidates.
-    candidates = min(config.top_k, TOP_P_CANDIDATES) if config.top_k else TOP_P_CANDIDATES
-    cutoff = _top_p_cutoff(logits, config.top_p, candidates)
-    logits = jnp.where(logits < cutoff, neg, logits)
-  return logits
+  return logprobs_lib.truncate(logits, top_k=config.top_k, top_p=config.top_p)
 
 
-def _choose(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> jax.Array:
+def _choose(logits: jax.Array, rng: jax.Array, config: SamplingConfig
+            ) -> tuple[jax.Array, jax.Array]:
+  """The next token and its log-prob under the distribution it came from."""
+  logits = logits.astype(jnp.float32)
   if config.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return jax.random.categorical(rng, process_logits(logits, config)).astype(jnp.int32)
+    token, scored = jnp.argmax(logits, axis=-1), jax.nn.log_softmax(logits)
+  else:
+    processed = process_logits(logits, config)
+    token = jax.random.categorical(rng, processed)
+    scored = jax.nn.log_softmax(processed)
+  token = token.astype(jnp.int32)
+  return token, jnp.take_along_axis(scored, token[:, None], axis=-1)[:, 0]
 
 
 def prefill(
@@ -168,9 +151,7 @@ def generate(
   def body(carry):
     i, logits, cache, done, pos, rng, tokens, logprobs, mask, state = carry
     rng, step_rng = jax.random.split(rng)
-    token = _choose(logits, step_rng, config)
-    scored = jax.nn.log_softmax(logits.astype(jnp.float32) / scoring_temperature(config))
-    logp = jnp.take_along_axis(scored, token[:, None], axis=-1)[:, 0]
+    token, logp = _choose(logits, step_rng, config)
     live = ~done
     token = jnp.where(live, token, config.pad_id)
     tokens = tokens.at[:, i].set(token)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from perl import decoding
+from perl import decoding, logprobs
 from perl.models import config as model_config
 from perl.models import lora
 from perl.models.transformer import Transformer
@@ -97,7 +97,7 @@ def test_one_compilation_per_shape():
 
 
 @pytest.mark.parametrize("temperature", [0.7, 1.0])
-def test_sampled_logprobs_are_of_the_tempered_policy(temperature):
+def test_sampled_logprobs_are_of_the_tempered_truncated_policy(temperature):
   model = _model()
   cfg = decoding.SamplingConfig(max_new_tokens=5, temperature=temperature, top_k=20,
                                 eos_id=None)
@@ -110,7 +110,10 @@ def test_sampled_logprobs_are_of_the_tempered_policy(temperature):
   logits, _ = jax.jit(lambda s, t, g, p: nnx.merge(nnx.graphdef(model), s)(
       t, segment_ids=g, positions=p, adapter="policy"))(nnx.state(model), tokens, segments, positions)
   p = PROMPTS.shape[1]
-  logp = jax.nn.log_softmax(logits[:, p - 1:-1] / temperature)
+  z = logits[:, p - 1:-1] / temperature
+  # The distribution sampled: renormalised over the 20 largest logits.
+  twentieth = jnp.sort(z, axis=-1)[..., -20:-19]
+  logp = jax.nn.log_softmax(jnp.where(z >= twentieth, z, -jnp.inf))
   want = jnp.take_along_axis(logp, out.tokens[..., None], axis=-1)[..., 0]
   np.testing.assert_allclose(out.logprobs, want * out.mask, atol=1e-4)
 
@@ -221,8 +224,8 @@ def test_prefill_projects_only_the_last_position_onto_the_vocabulary():
 def test_top_p_from_top_k_candidates_equals_the_full_sort(scale):
   logits = scale * jax.random.normal(jax.random.key(3), (4, 2000))
   for top_p in (0.5, 0.9):
-    want = decoding._top_p_cutoff_sorted(logits, top_p)
-    got = jax.jit(decoding._top_p_cutoff, static_argnums=(1, 2))(logits, top_p, 16)
+    want = logprobs._top_p_cutoff_sorted(logits, top_p)
+    got = jax.jit(logprobs._top_p_cutoff, static_argnums=(1, 2))(logits, top_p, 16)
     np.testing.assert_allclose(got, want, rtol=1e-6)
   # The peaked case never needs the whole sort: 16 candidates cover 0.9.
   probs = jax.nn.softmax(logits)

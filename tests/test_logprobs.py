@@ -174,3 +174,43 @@ def test_fsdp_logprobs_are_vocabulary_parallel():
   np.testing.assert_allclose(value, want_value, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (20, 1.0), (40, 0.5)])
+def test_truncated_logprobs_are_a_distribution_over_the_kept_set(top_k, top_p):
+  model = _model()
+  inputs, _ = _inputs()
+  hidden, _ = model.hidden_states(inputs[:, :4])
+  z = model.logits(hidden) / 0.7  # [B, 4, V]
+  keep = np.asarray(logprobs.kept_set(z, top_k=top_k, top_p=top_p))
+  # Independent check of the set: the largest logits, as many as needed.
+  for row, k in zip(np.asarray(z).reshape(-1, V), keep.reshape(-1, V)):
+    order = np.argsort(-row)
+    n = int(k.sum())
+    assert k[order[:n]].all() and not k[order[n:]].any()
+    p = np.exp(row[order] - row.max())
+    p = p[:top_k or V] / p[:top_k or V].sum()
+    assert n == min(top_k or V, int(((np.cumsum(p) - p) < top_p).sum()))
+  assert 1 <= keep.sum(-1).min() and keep.sum(-1).max() < V
+  # The log-prob of every vocabulary entry as a target: exp sums to 1 over
+  # the kept set, 0 outside it.
+  def all_targets(h):
+    targets = jnp.broadcast_to(jnp.arange(V), (B * 4, V))
+    hh = jnp.repeat(h.reshape(B * 4, 1, -1), V, axis=1)
+    return logprobs.token_logprobs(model.logits_fn(), hh, targets, temperature=0.7,
+                                   top_k=top_k, top_p=top_p, chunk_size=64,
+                                   with_entropy=True)
+  out = all_targets(hidden)
+  probs = np.exp(np.asarray(out["logp"], np.float64)).reshape(keep.shape)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+  assert np.all(probs[~keep] == 0) and np.all(np.asarray(out["logp"]).reshape(
+      keep.shape)[~keep] < -1e30)
+  p = probs[keep]
+  ent = -(probs * np.log(np.where(probs > 0, probs, 1.0))).sum(-1)
+  np.testing.assert_allclose(out["entropy"][:, 0].reshape(ent.shape), ent, atol=1e-4)
+  assert p.min() > 0
+  # Gradients of the kept log-probs and the entropy are finite.
+  w = jnp.asarray(keep.reshape(B * 4, V), jnp.float32)
+  grad = jax.grad(lambda h: (all_targets(h)["logp"] * w).sum()
+                  + all_targets(h)["entropy"].sum())(hidden)
+  assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).max()) > 0

@@ -85,21 +85,25 @@ class HydraModule(nnx.Module):
 
   def response_logprobs(self, tokens, *, positions, segment_ids, prompt_length: int,
                         adapter: str | None = POLICY, dropout_rng=None,
-                        temperature: float = 1.0, with_entropy: bool = False,
+                        temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0, with_entropy: bool = False,
                         chunk_size: int | None = None) -> dict[str, jax.Array]:
     """{"logp": [B, N]} (and "entropy") of the N response tokens.
 
     Computed in sequence chunks under remat (perl/logprobs.py), so the
     [B, N, V] float32 logits never exist; logits are divided by
-    `temperature` first.
+    `temperature` first and, with top_k > 0 or top_p < 1, renormalised over
+    the sampler's kept set (perl.logprobs.kept_set): the distribution a
+    SamplingConfig with those values draws from. The anchor (adapter None)
+    is scored untruncated by its callers, so KL to it stays finite.
     """
     hidden, _ = self.backbone.hidden_states(
         tokens, positions=positions, segment_ids=segment_ids, adapter=adapter,
         dropout_rng=dropout_rng)
     return logprobs_lib.token_logprobs(
         self.backbone.logits_fn(), hidden[:, prompt_length - 1:-1],
-        tokens[:, prompt_length:], temperature=temperature,
-        with_entropy=with_entropy, chunk_size=chunk_size)
+        tokens[:, prompt_length:], temperature=temperature, top_k=top_k,
+        top_p=top_p, with_entropy=with_entropy, chunk_size=chunk_size)
 
   def values(self, tokens, *, positions, segment_ids, dropout_rng=None) -> jax.Array:
     """[B, T] value estimate after each position."""

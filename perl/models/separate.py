@@ -102,7 +102,8 @@ class SeparateModels(nnx.Module):
 
   def response_logprobs(self, tokens, *, positions, segment_ids, prompt_length: int,
                         adapter: str | None = POLICY, dropout_rng=None,
-                        temperature: float = 1.0, with_entropy: bool = False,
+                        temperature: float = 1.0, top_k: int = 0,
+                        top_p: float = 1.0, with_entropy: bool = False,
                         chunk_size: int | None = None) -> dict[str, jax.Array]:
     """{"logp": [B, N]} (and "entropy") of the N response tokens: the policy
     (adapter "policy") or the anchor copy (None), as HydraModule's."""
@@ -116,8 +117,8 @@ class SeparateModels(nnx.Module):
         dropout_rng=dropout_rng)
     return logprobs_lib.token_logprobs(
         model.logits_fn(), hidden[:, prompt_length - 1:-1],
-        tokens[:, prompt_length:], temperature=temperature,
-        with_entropy=with_entropy, chunk_size=chunk_size)
+        tokens[:, prompt_length:], temperature=temperature, top_k=top_k,
+        top_p=top_p, with_entropy=with_entropy, chunk_size=chunk_size)
 
   def values(self, tokens, *, positions, segment_ids, dropout_rng=None) -> jax.Array:
     """[B, T] value estimate after each position."""

@@ -4,7 +4,9 @@
   score     [B] rewards of [prompt | response] rows: the Hydra reward adapter
             + head, a separate RewardModule, or a programmatic reward_fn
   logprobs  policy and anchor log-probs, the policy's entropy and the values
-            of the response tokens, all of softmax(logits / temperature)
+            of the response tokens: the policy's of the sampled distribution,
+            softmax(logits / temperature) over the top-k / top-p kept set;
+            the anchor's of the whole tempered softmax (KL to it is finite)
 
 Each program is compiled once per key (sampling config, prompt length, ...)
 and can be lowered on abstract shapes, so a benchmark lowers exactly what
@@ -94,9 +96,15 @@ class Rollout:
     return self._jit("score", shared, self.params_shardings, self.frozen_shardings,
                      bs, bs)
 
-  def logprobs_program(self, prompt_length: int, temperature: float):
+  def logprobs_program(self, prompt_length: int, temperature: float,
+                       top_k: int = 0, top_p: float = 1.0):
     """fn(params, frozen, tokens, segment_ids) -> {policy_logp, anchor_logp,
-    entropy[, values]}, each [B, N] over the response tokens."""
+    entropy[, values]}, each [B, N] over the response tokens.
+
+    The policy's log-probs and entropy are of softmax(logits / temperature)
+    renormalised over the top_k / top_p kept set (what the sampler drew
+    from); the anchor's are of the untruncated tempered softmax, whose
+    support covers the policy's, so KL(π_sampled ‖ π_anchor) is finite."""
     bs = self.partitioner.batch_sharding()
     uses_value = self.uses_value
 
@@ -105,9 +113,10 @@ class Rollout:
       pos = sequence_positions(seg)
       fwd = dict(positions=pos, segment_ids=seg, prompt_length=prompt_length)
       # Chunked under remat (perl/logprobs.py): the [B, N, V] logits never
-      # exist; both use the tempered distribution the rollout sampled from.
+      # exist.
       policy = model.response_logprobs(tokens, adapter=POLICY, with_entropy=True,
-                                       temperature=temperature, **fwd)
+                                       temperature=temperature, top_k=top_k,
+                                       top_p=top_p, **fwd)
       anchor = model.response_logprobs(tokens, adapter=None, temperature=temperature,
                                        **fwd)
       out = {"policy_logp": policy["logp"], "anchor_logp": anchor["logp"],
@@ -117,5 +126,5 @@ class Rollout:
         out["values"] = values[:, prompt_length - 1:-1]
       return out
 
-    return self._jit(("logprobs", prompt_length, temperature), fn,
+    return self._jit(("logprobs", prompt_length, temperature, top_k, top_p), fn,
                      self.params_shardings, self.frozen_shardings, bs, bs)
