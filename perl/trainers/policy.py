@@ -23,11 +23,9 @@ rollout's, the update's, the anchor's, hence the KL and the entropy) is of
 softmax(logits / temperature), as in TRL, verl and OpenRLHF. Without that,
 E over tempered samples of ∇log π_untempered is not 0, so a constant
 baseline shifts the gradient, and the logged "KL" is not KL(π‖π_anchor).
-top-k / top-p truncation is *not* part of the trained distribution: the
-truncated support moves with the parameters (its log-probs are −inf
-outside it, for the anchor as much as the policy), so the KL would be
-infinite; with them on, samples come from a slightly narrower distribution
-than the one scored, as in TRL and OpenRLHF.
+With top-k / top-p on, the policy's log-probs and entropy are of that
+softmax renormalised over the sampler's kept set (perl.logprobs.kept_set);
+the anchor's stay untruncated, so KL(π_sampled‖π_anchor) is finite.
 """
 
 from __future__ import annotations
@@ -66,7 +64,8 @@ def trainable_filter() -> nnx.filterlib.Filter:
 
 
 def update_loss(model: HydraModule, batch: Mapping[str, jax.Array], rng,
-                *, rl: RLConfig, temperature: float):
+                *, rl: RLConfig, temperature: float, top_k: int = 0,
+                top_p: float = 1.0):
   """core.Trainer's loss_fn: the policy (and value) forward, then perl.rl.step."""
   tokens, seg = batch["tokens"], batch["segment_ids"]
   prompt_length = tokens.shape[1] - batch["response_mask"].shape[1]
@@ -77,7 +76,7 @@ def update_loss(model: HydraModule, batch: Mapping[str, jax.Array], rng,
   policy = model.response_logprobs(
       tokens, positions=pos, segment_ids=seg, prompt_length=prompt_length,
       adapter=POLICY, dropout_rng=policy_rng, with_entropy=bool(rl.entropy_coef),
-      temperature=temperature)
+      temperature=temperature, top_k=top_k, top_p=top_p)
   values = None
   if rl.uses_value:
     values = model.values(tokens, positions=pos, segment_ids=seg,
@@ -116,11 +115,13 @@ class PolicyTrainer:
     self.sampling = sampling
     # The temperature of the distribution that is sampled and trained.
     self.temperature = decoding.scoring_temperature(sampling)
+    self.truncation = decoding.scoring_truncation(sampling)
     self.kl_controller = kl_lib.KLController(rl.kl_config)
     self._rl_step = 0  # RL iterations done (PPO's early stop varies the updates)
     self.trainer = core.Trainer(
         model=module, trainable=trainable_filter() if trainable is None else trainable,
-        loss_fn=functools.partial(update_loss, rl=rl, temperature=self.temperature),
+        loss_fn=functools.partial(update_loss, rl=rl, temperature=self.temperature,
+                                  **self.truncation),
         optimizer=optimizer, total_steps=total_steps * rl.updates_per_rollout,
         partitioner=partitioner, abstract=abstract)
     self.rollout = Rollout(
@@ -194,15 +195,22 @@ class PolicyTrainer:
         *self.rollout.score_inputs(self.state.params, self.frozen), tokens, segment_ids)
 
   def logprobs(self, tokens, segment_ids, prompt_length: int, *,
-               temperature: float | None = None):
+               temperature: float | None = None,
+               sampling: decoding.SamplingConfig | None = None):
     """Policy and anchor log-probs, entropy and values of the response tokens.
 
-    All of softmax(logits / temperature): the trained sampling temperature
-    unless another is given (an eval that samples at its own).
+    Of the distribution `sampling` draws from (default: the trained one);
+    `temperature` alone: the untruncated softmax(logits / temperature).
     """
-    temp = self.temperature if temperature is None else temperature
-    return self.rollout.logprobs_program(prompt_length, temp)(
-        self.state.params, self.frozen, tokens, segment_ids)
+    if sampling is None and temperature is None:
+      sampling = self.sampling
+    if sampling is None:
+      program = self.rollout.logprobs_program(prompt_length, temperature)
+    else:
+      program = self.rollout.logprobs_program(
+          prompt_length, decoding.scoring_temperature(sampling),
+          **decoding.scoring_truncation(sampling))
+    return program(self.state.params, self.frozen, tokens, segment_ids)
 
   def _advantages(self, scores, lp, mask, done, beta):
     return rl_step.advantages(
@@ -237,7 +245,8 @@ class PolicyTrainer:
     score_in = self.rollout.score_inputs(params, frozen)
     out["score"] = score.lower(*score_in, tokens, tokens)
     scores = jax.eval_shape(score.jitted, *score_in, tokens, tokens)
-    lp_fn = self.rollout.logprobs_program(prompt_length, self.temperature)
+    lp_fn = self.rollout.logprobs_program(prompt_length, self.temperature,
+                                          **self.truncation)
     out["logprobs"] = lp_fn.lower(params, frozen, tokens, tokens)
     lp = jax.eval_shape(lp_fn.jitted, params, frozen, tokens, tokens)
     resp = decoded.mask
