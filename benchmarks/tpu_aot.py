@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -393,7 +394,10 @@ def _cost(compiled):
   return flops, nbytes
 
 
+@functools.cache
 def _commit():
+  """HEAD when first asked (main asks before compiling): the code measured,
+  not a commit that landed during a long compile."""
   try:
     return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                    text=True).strip()
@@ -584,6 +588,7 @@ def main(argv=None):
     # Splash compiles to the Mosaic TPU kernel here, not the CPU interpreter.
     os.environ["PERL_SPLASH_INTERPRET"] = "0"
     measured = {}  # this run's rows: the only ones it may overwrite on disk
+    _commit()
     for key in row_keys(args):
       try:
         r = measure(key, args)
