@@ -15,7 +15,15 @@ from perl.rl.objectives import AGGREGATIONS
 @gin.configurable(module="perl.rl.config")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RLConfig:
-  """The RL algorithm and its knobs."""
+  """The RL algorithm and its knobs.
+
+  Every policy log-prob, entropy and KL is of the distribution sampled
+  (perl.decoding.SamplingConfig): softmax(logits / temperature) renormalised
+  over the top-k / top-p kept set. The anchor's log-probs are of the
+  untruncated tempered softmax, whose support covers the policy's, so
+  KL(π_sampled ‖ π_anchor) is finite; a token that leaves the policy's kept
+  set after an update gets log-prob ≈ finfo(float32).min there.
+  """
 
   # A name registered in perl.rl.algorithms: "reinforce" (PERL: REINFORCE,
   # learned value baseline), "rloo", "grpo", "ppo", "dapo", "dr_grpo",
