@@ -45,8 +45,9 @@ def _trainer(rl, mesh="data=-1", steps=30, lr=3e-2):
         optimizer=core.OptimizerConfig(learning_rate=lr, decay="constant"))
 
 
-def _eval_reward(trainer, repeats=8):
-  """Mean RM score of policy samples on a fixed, larger prompt batch."""
+def _eval_reward(trainer, repeats=128):
+  """Mean RM score of 1,024 policy samples (a fixed key, not a training one)
+  of the prompt batch tiled `repeats` times."""
   prompts = np.tile(PROMPTS["prompt_tokens"], (repeats, 1))
   shard = trainer.partitioner.shard_batch({"p": prompts, "m": (prompts != 0).astype(np.int32)})
   out = trainer.sample(shard["p"], shard["m"], jax.random.key(99))
@@ -66,20 +67,21 @@ def _eval_reward(trainer, repeats=8):
 def test_rl_raises_the_reward_with_bounded_kl(rl, lr):
   trainer = _trainer(rl, lr=lr)
   before = _eval_reward(trainer)
-  kls = []
+  kls, after = [], []
   for i in range(25):
     # A fresh key per step, as loop.fit gives (one fixed key resamples the
     # same rollouts every step: RLOO's gain then hung on that one draw).
     m = trainer.train_step(PROMPTS, jax.random.key(i))
     kls.append(m["kl"])
-  after = _eval_reward(trainer)
-  # The random reward model's scores spread about ±0.5; 25 steps must gain
-  # a clear part of that on held-out samples. 15 steps sat on the bar: gains
-  # 0.16 / 0.11 / 0.15 (reinforce / rloo / ppo), then 0.16 / 0.08 / 0.04 once
-  # the LoRA backward's summation order changed (custom VJP), the held-out
-  # gain swinging by 0.2 from step to step. Measured at 25 steps after that
-  # change: 0.167 / 0.340 / 0.406 (at 30: 0.148 / 0.321 / 0.449).
-  assert after > before + 0.1, (before, after)
+    if i + 1 in (15, 20, 25):
+      after.append(_eval_reward(trainer))
+  # The random reward model's scores spread about ±0.5; training must gain a
+  # clear part of that on fresh samples. At this learning rate the policy's
+  # reward moves by up to 0.1 between checkpoints five steps apart, so the
+  # gain is the mean over steps 15, 20 and 25, each of 1,024 samples (the
+  # eval's own noise is ~0.02); it reads 0.20 / 0.19 / 0.25 for reinforce /
+  # rloo / ppo.
+  assert np.mean(after) > before + 0.1, (before, after)
   assert np.isfinite(kls).all() and max(kls) < 20.0
   assert trainer.step == 25
   # One compilation of the update step for the whole run.
