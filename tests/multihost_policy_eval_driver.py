@@ -44,9 +44,9 @@ class FakePolicy:
     del segment_ids
     return tokens[:, -1].astype('float32')
 
-  def logprobs(self, tokens, segment_ids, prompt_length, *, temperature=None):
+  def logprobs(self, tokens, segment_ids, prompt_length, *, sampling=None):
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-    del segment_ids, temperature
+    del segment_ids, sampling
     response = tokens[:, prompt_length:].astype(jnp.float32)
     return {'policy_logp': response / 100, 'anchor_logp': jnp.zeros_like(response)}
 

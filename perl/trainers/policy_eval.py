@@ -4,8 +4,9 @@ On held-out prompts, the policy (policy adapter) and the SFT policy (the
 anchor: no adapter) each sample one response per prompt. Reported:
   reward_model_score / reward_model_score_sft   mean learned reward
   win_rate        P(RM prefers the policy's response over the SFT one), ties ½
-  kl              mean Σ_t log π − log π_anchor over the policy's samples, both
-                  at the eval's sampling temperature (the distribution sampled)
+  kl              mean Σ_t log π − log π_anchor over the policy's samples: π the
+                  distribution the eval samples from (its temperature, top-k /
+                  top-p), the anchor the untruncated tempered base, as in training
   ground_truth_reward / ground_truth_reward_sft   the task's programmatic
                   truth (e.g. the synthetic task's), when one is given
   eos_rate        fraction of policy responses that ended with EOS
@@ -46,7 +47,7 @@ class Policy(Protocol):
   def score(self, tokens, segment_ids): ...
 
   def logprobs(self, tokens, segment_ids, prompt_length: int, *,
-               temperature: float | None = None): ...
+               sampling: decoding.SamplingConfig | None = None): ...
 
 
 def decode_rows(vocab: seqio.Vocabulary, tokens: np.ndarray, mask: np.ndarray,
@@ -76,7 +77,6 @@ def make_evaluate(
   352 prompts has a standard error of 0.005 from one pass)."""
   if samples_per_prompt < 1:
     raise ValueError(f"eval samples_per_prompt must be >= 1, got {samples_per_prompt}.")
-  temperature = decoding.scoring_temperature(sampling)
 
   def passes():
     for rep in range(samples_per_prompt):
@@ -107,7 +107,7 @@ def make_evaluate(
                          rows(trainer.score(tokens, seg)), tokens, seg)
       out_tokens, mask, score, tokens, seg = results["policy"]
       score_sft = results["sft"][2]
-      lp = trainer.logprobs(tokens, seg, prompt_length, temperature=temperature)
+      lp = trainer.logprobs(tokens, seg, prompt_length, sampling=sampling)
       kl = ((rows(lp["policy_logp"]) - rows(lp["anchor_logp"])) * mask).sum(1)
       ended = mask.sum(1) < mask.shape[1]
       if sampling.eos_id is not None:

@@ -33,7 +33,8 @@ class FakePolicy:
   def score(self, tokens, segment_ids):
     return jnp.zeros(tokens.shape[0])
 
-  def logprobs(self, tokens, segment_ids, prompt_length, *, temperature=None):
+  def logprobs(self, tokens, segment_ids, prompt_length, *, sampling=None):
+    self.scored_with = sampling
     z = jnp.zeros((tokens.shape[0], tokens.shape[1] - prompt_length))
     return {"policy_logp": z, "anchor_logp": z}
 
@@ -80,6 +81,17 @@ def test_samples_per_prompt_averages_passes_with_fresh_keys():
   np.testing.assert_allclose(m4["ground_truth_reward"], per_pass.mean(), atol=1e-9)
   assert m4["ground_truth_reward"] == m4["ground_truth_reward_sft"]
   assert m1["ground_truth_reward"] == pytest.approx(per_pass[0])
+
+
+def test_eval_kl_is_scored_under_the_distribution_the_eval_samples():
+  """With top-k / top-p on, the eval's KL takes the log-probs of the truncated
+  distribution it sampled from, not the untruncated softmax."""
+  policy = FakePolicy()
+  sampling = decoding.SamplingConfig(max_new_tokens=1, temperature=0.7, top_p=0.9,
+                                     top_k=5, eos_id=None)
+  policy_eval.make_evaluate(policy, prompt_batches=_batches(), vocabulary=VOCAB,
+                            sampling=sampling)()
+  assert policy.scored_with == sampling
 
 
 def test_samples_per_prompt_must_be_positive():
