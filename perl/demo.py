@@ -98,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         gin_file=RL_EXPERIMENT, model_dir=model_dir,
         bindings=[f"BASE_CHECKPOINT = '{dirs['sft']}'",
                   f"REWARD_CHECKPOINT = '{dirs['reward_model']}'",
-                  f"perl.trainers.policy.train.seed = {seed}", *args.gin]))
+                  f"perl.trainers.runner.train.seed = {seed}", *args.gin]))
     timings[f"policy_seed{seed}"] = time.perf_counter() - start
 
   rm_accuracy = results["reward_model"]["eval/accuracy"]

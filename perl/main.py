@@ -4,10 +4,10 @@ r"""perl's gin entry point (t5x style).
       --gin.MODEL_DIR=/tmp/run --gin_search_paths=configs --jax_backend=cpu
 
 Gin files bind `run.fn` to the function to run (e.g. `run.fn =
-@perl.trainers.sft.train`); with no gin file, a built-in smoke run checks the
-devices, the mesh and one sharded forward pass. `--gin.NAME=VALUE` is
-shorthand for `--gin_bindings='NAME = VALUE'`; bare strings (paths) need no
-quotes. Multi-host: --coordinator_address/--process_count/--process_index (or
+@perl.trainers.runner.train`, the stage runner); with no gin file, a built-in
+smoke run checks the devices, the mesh and one sharded forward pass.
+`--gin.NAME=VALUE` is shorthand for `--gin_bindings='NAME = VALUE'`; bare
+strings (paths) need no quotes. Multi-host: --coordinator_address/--process_count/--process_index (or
 JAX_COORDINATOR_ADDRESS/...); TPU pods and SLURM are detected automatically.
 
 Known user errors (a bad flag or gin binding, missing data, an unknown task,

@@ -23,7 +23,7 @@ from perl import checkpoints, gin_utils, run_dir
 from perl import main as perl_main
 from perl.models import config as model_config
 from perl.models.transformer import Transformer
-from perl.trainers import loop, metrics, reward_model, sft
+from perl.trainers import loop, metrics, reward_model, runner, sft
 from perl.utils import run_lock
 from tests.files import snapshot
 
@@ -71,10 +71,10 @@ GIN_CASES = [
      "Gin macro TRAIN_STEP is set (--gin.TRAIN_STEP=...) but no binding uses"
      " %TRAIN_STEP: misspelt? Did you mean TRAIN_STEPS?"),
     (["LEARNIN_RATE = 0.1"], "Did you mean LEARNING_RATE?"),
-    (["perl.trainers.sft.train.eval_evry = 3"],
+    (["perl.trainers.runner.train.eval_evry = 3"],
      "has no parameter 'eval_evry' (misspelt?). Did you mean 'eval_every'?"),
-    (["perl.trainers.sft.trian.eval_every = 3"],
-     "unknown configurable 'perl.trainers.sft.trian'"),
+    (["perl.trainers.runner.trian.eval_every = 3"],
+     "unknown configurable 'perl.trainers.runner.trian'"),
     (["EVAL_EVERY = %EVAL_EVRY"],
      "Gin macro %EVAL_EVRY is used but never defined"),
     (["TRAIN_STEPS = [1,"],
@@ -199,10 +199,10 @@ def test_sft_on_a_preference_task(written):
   before = snapshot(written)
   with pytest.raises(ValueError, match=r"Task 'synthetic_preference' is a "
                      r"'preference' task; SFT needs an sft task"):
-    sft.train(model_dir=written, train_steps=2,
-              mixture_or_task_name="synthetic_preference",
-              task_feature_lengths={"prompt": 48, "response": 32},
-              batch_size=8, model_config=TINY)
+    runner.train(objective=sft.SftObjective(), model_dir=written,
+                 train_steps=2, mixture_or_task_name="synthetic_preference",
+                 task_feature_lengths={"prompt": 48, "response": 32},
+                 batch_size=8, model_config=TINY)
   assert snapshot(written) == before
 
 
@@ -210,10 +210,11 @@ def test_reward_model_on_an_sft_task(written):
   before = snapshot(written)
   with pytest.raises(ValueError, match=r"a reward model needs a preference "
                      r"or pointwise task"):
-    reward_model.train(model_dir=written, train_steps=2,
-                       mixture_or_task_name="synthetic_sft",
-                       task_feature_lengths=SFT_LENGTHS, batch_size=8,
-                       model_config=TINY)
+    runner.train(objective=reward_model.RewardModelObjective(),
+                 model_dir=written, train_steps=2,
+                 mixture_or_task_name="synthetic_sft",
+                 task_feature_lengths=SFT_LENGTHS, batch_size=8,
+                 model_config=TINY)
   assert snapshot(written) == before
 
 

@@ -59,10 +59,10 @@ def _rm_args(model_dir, *, steps: int, mesh: str,
       # wrong gradient reduction across processes would show in the losses.
       '--gin.LEARNING_RATE=0.01',
       '--gin.perl.trainers.core.OptimizerConfig.warmup_steps=0',
-      f'--gin.perl.trainers.reward_model.train.mesh={mesh}',
-      f'--gin.perl.trainers.reward_model.train.eval_max_batches={eval_max_batches}',
-      '--gin.perl.trainers.reward_model.train.export=False',
-      '--gin.perl.trainers.reward_model.train.log_every=1',
+      f'--gin.perl.trainers.runner.train.mesh={mesh}',
+      f'--gin.perl.trainers.runner.train.eval_max_batches={eval_max_batches}',
+      '--gin.perl.trainers.runner.train.export=False',
+      '--gin.perl.trainers.runner.train.log_every=1',
   ]
 
 

@@ -35,12 +35,12 @@ jax.config.update("jax_platforms", "cpu")
 w = sys.argv[1]
 tiny = ["TRAIN_STEPS = 2", "BATCH_SIZE = 8", "EVAL_EVERY = 0"]
 demo.run_stage(gin_file="experiments/synthetic_sft.gin", model_dir=f"{w}/sft",
-               bindings=tiny + ["perl.trainers.sft.train.eval_max_batches = 1"])
+               bindings=tiny + ["perl.trainers.runner.train.eval_max_batches = 1"])
 for finetune in ("lora", "full"):
   demo.run_stage(
       gin_file="experiments/synthetic_reward_model.gin", model_dir=f"{w}/rm_{finetune}",
       bindings=tiny + [f"BASE_CHECKPOINT = '{w}/sft'", f"FINETUNE = '{finetune}'",
-                       "perl.trainers.reward_model.train.eval_max_batches = 2"])
+                       "perl.trainers.runner.train.eval_max_batches = 2"])
 """
 
 
@@ -51,7 +51,7 @@ def _sweep_command(w):
           f"--gin.BASE_CHECKPOINT={w}/sft", f"--gin.REWARD_CHECKPOINT={w}/rm_lora",
           "--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=8", "--gin.EVAL_EVERY=0",
           "--gin.MAX_NEW_TOKENS=12",
-          "--gin.perl.trainers.policy.train.eval_max_batches=1",
+          "--gin.perl.trainers.runner.train.eval_max_batches=1",
           "--values=0.0,0.5", f"--workdir={w}/sweep", "--jax_backend=cpu",
           f"--plot={w}/frontier.png"]
 

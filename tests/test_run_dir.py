@@ -132,7 +132,7 @@ def test_policy_stage_takes_the_reward_adapter_from_the_rm_config(
     tmp_path, monkeypatch):
   from flax import nnx
   from perl.models import lora as lora_lib
-  from perl.trainers import policy
+  from perl.trainers import policy_stage, runner
   rm = _run(tmp_path, RM_CONFIG)  # rank 4, every projection
   seen = {}
 
@@ -143,14 +143,14 @@ def test_policy_stage_takes_the_reward_adapter_from_the_rm_config(
     seen["shapes"] = {v[...].shape for _, v in nnx.to_flat_state(state)}
     raise _Built
 
-  monkeypatch.setattr(policy, "load_reward_adapter", load_reward_adapter)
+  monkeypatch.setattr(policy_stage, "load_reward_adapter", load_reward_adapter)
   with pytest.raises(_Built):
-    policy.train(
+    runner.train(
+        objective=policy_stage.PolicyObjective(reward_checkpoint=rm),
         model_dir=str(tmp_path / "policy"), train_steps=1,
         mixture_or_task_name="synthetic_prompts",
         task_feature_lengths={"prompt": 48}, batch_size=4,
-        model_config=model_config.tiny(vocab_size=259),
-        reward_checkpoint=rm, mesh="data=-1")
+        model_config=model_config.tiny(vocab_size=259), mesh="data=-1")
   projections = {p.split(".")[-4] for p in seen["paths"]}  # <proj>.lora.reward.lora_a
   assert projections == {"q", "k", "v", "o", "gate", "up", "down"}, seen["paths"]
   assert all(4 in shape for shape in seen["shapes"]), seen["shapes"]

@@ -178,7 +178,7 @@ def sample_policies(policy_dir: str, *, num_prompts: int = 8, seed: int = 0,
 
   task = _require(policy_dir, "MIXTURE_OR_TASK_NAME")
   lengths = _require(policy_dir, "TASK_FEATURE_LENGTHS")
-  base = _require(policy_dir, "policy.train.base_checkpoint")
+  base = _require(policy_dir, "runner.train.base_checkpoint")
   cfg = model_config(policy_dir)
   vocab = pipeline.vocabulary(task)
   fields = {f.name for f in dataclasses.fields(decoding.SamplingConfig)}

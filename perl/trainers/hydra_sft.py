@@ -30,19 +30,17 @@ last step, the step export/ was written at.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import ClassVar, Mapping
 
 import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from perl import checkpoints, losses, partitioning
-from perl.data import pipeline
-from perl.models import lora as lora_lib
-from perl.models.config import LoRAConfig, TransformerConfig
+from perl import losses, partitioning
+from perl.models.config import LoRAConfig
 from perl.models.heads import RewardModule, gather_last
-from perl.trainers import core, loop, reward_model
+from perl.trainers import core, loop, reward_model, runner
 
 ADAPTER = "hydra"
 PREFERENCE = reward_model.PREFERENCE
@@ -154,75 +152,55 @@ def make_evaluate(model: HydraSftModel, trainer: core.Trainer, *, task: str,
 
 
 @gin.configurable(module="perl.trainers.hydra_sft")
-def train(
-    *,
-    model_dir: str = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    batch_size: int = gin.REQUIRED,
-    model_config: TransformerConfig = gin.REQUIRED,
-    base_checkpoint: str | None = None,
-    finetune: str = "lora",
-    lora: LoRAConfig = LoRAConfig(),
-    sft_weight: float = 1.0,
-    reward_weight: float = 1.0,
-    centering: float = 0.0,
-    optimizer: core.OptimizerConfig = core.OptimizerConfig(),
-    checkpoint: checkpoints.CheckpointConfig = checkpoints.CheckpointConfig(),
-    grad_accum_steps: int = 1,
-    eval_every: int = 0,
-    eval_split: str = "validation",
-    eval_batch_size: int | None = None,
-    eval_max_batches: int | None = None,
-    mesh: str = "data=-1",
-    seed: int = 0,
-    log_every: int = 10,
-    stop_at_step: int | None = None,
-    export: bool = True,
-) -> dict[str, Any]:
-  """Hydra-SFT on a preference task; returns the final train and eval metrics."""
-  kind = pipeline.task_kind(mixture_or_task_name)
-  pipeline.check_vocabulary_fits(mixture_or_task_name,
-                                 vocab_size=model_config.vocab_size,
-                                 base_checkpoint=base_checkpoint)
-  if kind != PREFERENCE:
-    raise ValueError(
-        f"Task {mixture_or_task_name!r} is a {kind!r} task; Hydra-SFT needs a "
-        "preference task (prompt, chosen, rejected), e.g. synthetic_preference.")
-  loop.check_inputs(task=mixture_or_task_name, splits=("train", eval_split),
-                    feature_lengths=task_feature_lengths,
-                    base_checkpoints=(base_checkpoint,))
-  partitioner = partitioning.Partitioner(mesh)
-  module = reward_model.build(
-      model_config=model_config, finetune=finetune, lora=lora,
-      partitioner=partitioner, seed=seed, base_checkpoint=base_checkpoint,
-      adapter=ADAPTER)
-  trainable = reward_model.trainable_filter(finetune, ADAPTER)
-  print(f"hydra-sft ({finetune}): "
-        f"{lora_lib.trainable_summary(module, trainable)}", flush=True)
-  model = HydraSftModel(
-      adapter=ADAPTER if finetune == "lora" else None, sft_weight=sft_weight,
-      reward_weight=reward_weight, centering=centering,
-      response_length=task_feature_lengths["response"])
-  trainer = core.Trainer(
-      model=module, trainable=trainable, loss_fn=model.loss_fn,
-      optimizer=optimizer, total_steps=train_steps, partitioner=partitioner,
-      grad_accum_steps=grad_accum_steps)
-  evaluate = make_evaluate(
-      model, trainer, task=mixture_or_task_name, split=eval_split,
-      feature_lengths=task_feature_lengths,
-      batch_size=eval_batch_size or batch_size, partitioner=partitioner,
-      max_batches=eval_max_batches)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HydraSftObjective(runner.Objective):
+  """Hydra-SFT on a preference task: the LM head and the reward head on one
+  adapter; export/ holds the merged backbone + head at the last step."""
 
-  return loop.fit(
-      trainer=trainer, model_dir=model_dir, train_steps=train_steps,
-      train_batches=loop.train_batches(
-          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=batch_size, partitioner=partitioner, seed=seed),
-      evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
-      best_metric=None, log_every=log_every, seed=seed,
-      headline=("loss", "sft_loss", "bt_loss", "accuracy"),
-      on_finish=loop.export_on_finish(model_dir, model.adapter,
-                                      base_checkpoint=base_checkpoint) if export
-      else None, stop_at_step=stop_at_step)
+  task_kinds: ClassVar[tuple[str, ...]] = (PREFERENCE,)
+  task_needs: ClassVar[str] = ("Hydra-SFT needs a preference task (prompt, "
+                                "chosen, rejected), e.g. synthetic_preference.")
+  headline: ClassVar[tuple[str, ...]] = ("loss", "sft_loss", "bt_loss",
+                                         "accuracy")
+  # "lora" (the adapter + head train) or "full" (every parameter trains).
+  finetune: str = "lora"
+  # The hydra adapter's rank, alpha and targets (finetune="lora").
+  lora: LoRAConfig = LoRAConfig()
+  # Weight of the SFT term (mean token NLL of each chosen response).
+  sft_weight: float = 1.0
+  # Weight of the Bradley–Terry term.
+  reward_weight: float = 1.0
+  # Weight of the reward-centering term c·(r_c + r_r)²; 0 disables it.
+  centering: float = 0.0
+
+  def describe(self, stage: runner.Stage) -> str:
+    return f"hydra-sft ({self.finetune})"
+
+  def check(self, stage: runner.Stage) -> tuple[str | None, ...]:
+    reward_model.trainable_filter(self.finetune)  # validates finetune
+    return ()
+
+  def model(self, stage: runner.Stage) -> HydraSftModel:
+    return HydraSftModel(
+        adapter=ADAPTER if self.finetune == "lora" else None,
+        sft_weight=self.sft_weight, reward_weight=self.reward_weight,
+        centering=self.centering,
+        response_length=stage.feature_lengths["response"])
+
+  def build(self, stage: runner.Stage, partitioner: partitioning.Partitioner,
+            *, abstract: bool = False) -> core.Trainer:
+    return reward_model.build_trainer(
+        stage, partitioner, finetune=self.finetune, lora=self.lora,
+        adapter=ADAPTER, loss_fn=self.model(stage).loss_fn, abstract=abstract)
+
+  def evaluator(self, stage: runner.Stage, trainer: core.Trainer,
+                partitioner: partitioning.Partitioner):
+    return make_evaluate(
+        self.model(stage), trainer, task=stage.task, split=stage.eval_split,
+        feature_lengths=stage.feature_lengths,
+        batch_size=stage.eval_batch_size, partitioner=partitioner,
+        max_batches=stage.eval_max_batches)
+
+  def on_finish(self, stage: runner.Stage):
+    return loop.export_on_finish(stage.model_dir, self.model(stage).adapter,
+                                 base_checkpoint=stage.base_checkpoint)

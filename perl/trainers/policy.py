@@ -30,12 +30,10 @@ the anchor's stay untruncated, so KL(π_sampled‖π_anchor) is finite.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,7 +48,6 @@ from perl.models.heads import RewardModule
 from perl.rl import kl as kl_lib
 from perl.rl import step as rl_step
 from perl.rl.config import RLConfig
-from perl.run_dir import RunDir, recorded_reward_lora
 from perl.trainers import core, dynamic_sampling
 from perl.trainers.policy_init import (  # pylint: disable=unused-import
     REWARD_PARAMS, init_value_from_reward, load_reward_adapter)
@@ -384,124 +381,3 @@ def average_update_metrics(updates: list[Mapping[str, Any]]) -> dict[str, float]
     else:
       out[key] = float(np.mean(values))
   return out
-
-
-@gin.configurable(module="perl.trainers.policy")
-def train(
-    *,
-    model_dir: str = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    batch_size: int = gin.REQUIRED,
-    model_config=gin.REQUIRED,
-    base_checkpoint: str | None = None,
-    reward_checkpoint: str = gin.REQUIRED,
-    reward_model_config=None,
-    reward_lora=None,
-    policy_lora=None,
-    value_lora=None,
-    rl: RLConfig = RLConfig(),
-    sampling: decoding.SamplingConfig = decoding.SamplingConfig(
-        max_new_tokens=32, temperature=0.7),
-    eval_sampling: decoding.SamplingConfig | None = None,
-    optimizer: core.OptimizerConfig = core.OptimizerConfig(learning_rate=1e-4),
-    checkpoint=None,
-    eval_every: int = 0,
-    eval_split: str = "validation",
-    eval_batch_size: int | None = None,
-    eval_max_batches: int | None = None,
-    eval_samples_per_prompt: int = 1,
-    ground_truth: Callable[[str, str], float] | None = None,
-    best_metric: str | None = None,
-    mesh: str = "data=-1",
-    seed: int = 0,
-    log_every: int = 10,
-    export: bool = True,
-) -> dict[str, Any]:
-  """RL of a LoRA policy against a reward model; returns the last metrics.
-
-  reward_model_config None: the reward model shares the policy's base (Hydra:
-  its adapter + head are loaded onto the policy's backbone from
-  reward_checkpoint). Otherwise it is a separate RewardModule of that config
-  loaded from reward_checkpoint's export/ (PERL's setup with a larger RM).
-  reward_lora None: the reward adapter's LoRAConfig is the one the
-  reward-model run recorded in reward_checkpoint/config.gin.
-  """
-  from perl import checkpoints  # pylint: disable=g-import-not-at-top
-  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
-  from perl.models.config import LoRAConfig  # pylint: disable=g-import-not-at-top
-  from perl.trainers import loop, policy_eval  # pylint: disable=g-import-not-at-top
-
-  kind = pipeline.task_kind(mixture_or_task_name)
-  pipeline.check_vocabulary_fits(mixture_or_task_name,
-                                 vocab_size=model_config.vocab_size,
-                                 base_checkpoint=base_checkpoint)
-  if kind != "prompts":
-    raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; RL needs a "
-                     "prompts task (e.g. synthetic_prompts, taskmaster4_prompts).")
-  # Missing data or checkpoints fail in one line, before any model is built.
-  loop.check_inputs(
-      task=mixture_or_task_name, splits=("train", eval_split),
-      feature_lengths=task_feature_lengths,
-      base_checkpoints=(base_checkpoint, None if reward_model_config is None
-                        else reward_checkpoint))
-  shared = reward_model_config is None
-  if shared and reward_lora is None:
-    # The adapter the reward-model run trained, as its config.gin records it.
-    reward_lora = recorded_reward_lora(reward_checkpoint)
-  policy_lora = policy_lora or LoRAConfig()
-  # PERL: the value model is a LoRA adapter of the policy's rank.
-  value_lora = (value_lora or policy_lora) if rl.uses_value else None
-  vocab = pipeline.vocabulary(mixture_or_task_name)
-  sampling = dataclasses.replace(sampling, eos_id=vocab.eos_id)
-  eval_sampling = dataclasses.replace(eval_sampling or sampling, eos_id=vocab.eos_id)
-  partitioner = partitioning.Partitioner(mesh)
-  module = partitioner.create_sharded_model(lambda: HydraModule(
-      model_config, policy_lora=policy_lora, value_lora=value_lora,
-      with_value_head=rl.uses_value,
-      reward_lora=reward_lora if shared else None,
-      rngs=nnx.Rngs(seed)))
-  if base_checkpoint:
-    checkpoints.load_base(base_checkpoint, module.backbone)
-  reward_module = None
-  if shared:
-    source = load_reward_adapter(reward_checkpoint, module, base_checkpoint)
-    print(f"reward model: adapter + head from {source} on the shared backbone", flush=True)
-    if rl.uses_value and rl.value_from_reward:
-      copied = init_value_from_reward(module)
-      if copied:
-        print(f"value model: {' and '.join(copied)} from the reward model", flush=True)
-  else:
-    reward_module = partitioner.create_sharded_model(
-        lambda: RewardModule(reward_model_config, rngs=nnx.Rngs(seed)))
-    checkpoints.load_base(reward_checkpoint, reward_module)
-    print(f"reward model: separate backbone from {reward_checkpoint}", flush=True)
-  print(f"policy ({rl.algorithm}): "
-        f"{lora_lib.trainable_summary(module, trainable_filter())}", flush=True)
-  trainer = PolicyTrainer(
-      module=module, rl=rl, sampling=sampling, optimizer=optimizer,
-      total_steps=train_steps, partitioner=partitioner, reward_module=reward_module)
-  evaluate = policy_eval.make_evaluate(
-      trainer, prompt_batches=loop.eval_batches(
-          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=eval_batch_size or batch_size, partitioner=partitioner,
-          split=eval_split, max_batches=eval_max_batches),
-      sampling=eval_sampling, vocabulary=vocab, ground_truth=ground_truth,
-      samples_dir=RunDir(model_dir).eval_samples,
-      samples_per_prompt=eval_samples_per_prompt)
-
-  return loop.fit(
-      trainer=trainer, model_dir=model_dir, train_steps=train_steps,
-      train_batches=loop.train_batches(
-          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=batch_size, partitioner=partitioner, seed=seed),
-      evaluate=evaluate, eval_every=eval_every,
-      checkpoint=checkpoint or checkpoints.CheckpointConfig(),
-      best_metric=best_metric, log_every=log_every, seed=seed,
-      headline=("reward_mean", "kl"),
-      on_finish=loop.export_on_finish(model_dir, POLICY,
-                                      part=lambda m: m.backbone,
-                                      base_checkpoint=base_checkpoint)
-      if export else None)
-

@@ -5,7 +5,7 @@ is pure architecture):
   preference batches (chosen_*/rejected_*): Bradley–Terry, optional reward
     centering c·(r_c + r_r)²;
   pointwise batches (tokens, label in {0, 1}): sigmoid cross-entropy.
-`train` is the gin entry point (`run.fn = @perl.trainers.reward_model.train`).
+`RewardModelObjective` is the stage (`perl.trainers.runner.train.objective`).
 With finetune="full" the same loop trains every parameter instead of the
 adapter + head, on identical data, for the LoRA-vs-full comparison.
 """
@@ -13,7 +13,7 @@ adapter + head, on identical data, for the LoRA-vs-full comparison.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Mapping
+from typing import ClassVar, Literal, Mapping
 
 import gin
 import jax
@@ -26,7 +26,7 @@ from perl import checkpoints, losses, partitioning
 from perl.models import lora as lora_lib
 from perl.models.config import LoRAConfig, TransformerConfig
 from perl.models.heads import HEAD_NAME, RewardModule, packed_pair_scores
-from perl.trainers import core, loop
+from perl.trainers import core, loop, runner
 from perl.trainers.metrics import roc_auc
 
 ADAPTER = "reward"
@@ -144,13 +144,17 @@ def trainable_filter(finetune: str, adapter: str = ADAPTER
 
 def build(*, model_config: TransformerConfig, finetune: str, lora: LoRAConfig,
           partitioner: partitioning.Partitioner, seed: int,
-          base_checkpoint: str | None, adapter: str = ADAPTER) -> RewardModule:
-  """A sharded RewardModule, its backbone loaded from `base_checkpoint`."""
+          base_checkpoint: str | None, adapter: str = ADAPTER,
+          abstract: bool = False) -> RewardModule:
+  """A sharded RewardModule, its backbone loaded from `base_checkpoint`;
+  abstract: its shapes only (nnx.eval_shape), nothing loaded."""
   trainable_filter(finetune)  # validates finetune
   adapters = {adapter: lora} if finetune == "lora" else None
-  module = partitioner.create_sharded_model(
-      lambda: RewardModule(model_config, adapters=adapters,
-                           rngs=nnx.Rngs(seed)))
+  make = lambda: RewardModule(model_config, adapters=adapters,
+                              rngs=nnx.Rngs(seed))
+  if abstract:
+    return nnx.eval_shape(make)
+  module = partitioner.create_sharded_model(make)
   if base_checkpoint:
     checkpoints.load_base(base_checkpoint, module.backbone)
   else:
@@ -159,85 +163,81 @@ def build(*, model_config: TransformerConfig, finetune: str, lora: LoRAConfig,
   return module
 
 
+def build_trainer(stage: runner.Stage, partitioner: partitioning.Partitioner,
+                  *, finetune: str, lora: LoRAConfig, adapter: str,
+                  loss_fn: core.LossFn, abstract: bool = False) -> core.Trainer:
+  """The trainer of a RewardModule with `adapter` (finetune='lora') or none."""
+  module = build(model_config=stage.model_config, finetune=finetune, lora=lora,
+                 partitioner=partitioner, seed=stage.seed,
+                 base_checkpoint=stage.base_checkpoint, adapter=adapter,
+                 abstract=abstract)
+  return stage.trainer(partitioner, module,
+                       trainable=trainable_filter(finetune, adapter),
+                       loss_fn=loss_fn, abstract=abstract)
+
+
 @gin.configurable(module="perl.trainers.reward_model")
-def train(
-    *,
-    model_dir: str = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    batch_size: int = gin.REQUIRED,
-    model_config: TransformerConfig = gin.REQUIRED,
-    base_checkpoint: str | None = None,
-    finetune: str = "lora",
-    lora: LoRAConfig = LoRAConfig(),
-    centering: float = 0.0,
-    optimizer: core.OptimizerConfig = core.OptimizerConfig(),
-    checkpoint: checkpoints.CheckpointConfig = checkpoints.CheckpointConfig(),
-    grad_accum_steps: int = 1,
-    eval_every: int = 0,
-    eval_split: str = "validation",
-    eval_batch_size: int | None = None,
-    eval_max_batches: int | None = None,
-    mesh: str = "data=-1",
-    seed: int = 0,
-    log_every: int = 10,
-    stop_at_step: int | None = None,
-    export: bool = True,
-    pack: bool = False,
-) -> dict[str, Any]:
-  """Trains a reward model; returns the final train and eval metrics.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RewardModelObjective(runner.Objective):
+  """A reward model on a preference or pointwise task; export/ holds the
+  merged backbone + head, best/ the state of the best held-out accuracy."""
 
-  pack: several preference pairs per training row (segment ids; BATCH_SIZE
-  then counts rows, and metrics count pairs); evaluation stays one pair per
-  row. TASK_FEATURE_LENGTHS['packed'] sets the row length.
-  """
-  # Here, not at module level: the step itself needs no TensorFlow (~1 GB).
-  from perl.data import pipeline  # pylint: disable=g-import-not-at-top
-  kind = pipeline.task_kind(mixture_or_task_name)
-  pipeline.check_vocabulary_fits(mixture_or_task_name,
-                                 vocab_size=model_config.vocab_size,
-                                 base_checkpoint=base_checkpoint)
-  if pack and kind != PREFERENCE:
-    raise ValueError(f"pack=True packs preference pairs; {mixture_or_task_name!r}"
-                     f" is a {kind!r} task.")
-  if kind not in (PREFERENCE, POINTWISE):
-    raise ValueError(
-        f"Task {mixture_or_task_name!r} is a {kind!r} task; a reward model "
-        "needs a preference or pointwise task (e.g. synthetic_preference, "
-        "taskmaster4_pointwise).")
-  loop.check_inputs(task=mixture_or_task_name, splits=("train", eval_split),
-                    feature_lengths=task_feature_lengths,
-                    base_checkpoints=(base_checkpoint,))
-  partitioner = partitioning.Partitioner(mesh)
-  module = build(model_config=model_config, finetune=finetune, lora=lora,
-                 partitioner=partitioner, seed=seed,
-                 base_checkpoint=base_checkpoint)
-  trainable = trainable_filter(finetune)
-  print(f"reward model ({finetune}, {kind}): "
-        f"{lora_lib.trainable_summary(module, trainable)}", flush=True)
-  rm = RewardModel(kind=kind, adapter=ADAPTER if finetune == "lora" else None,
-                   centering=centering)
-  trainer = core.Trainer(
-      model=module, trainable=trainable, loss_fn=rm.loss_fn,
-      optimizer=optimizer, total_steps=train_steps, partitioner=partitioner,
-      grad_accum_steps=grad_accum_steps)
-  evaluate = make_evaluate(
-      rm, trainer, task=mixture_or_task_name, split=eval_split,
-      feature_lengths=task_feature_lengths,
-      batch_size=eval_batch_size or batch_size, partitioner=partitioner,
-      max_batches=eval_max_batches)
+  task_kinds: ClassVar[tuple[str, ...]] = (PREFERENCE, POINTWISE)
+  task_needs: ClassVar[str] = (
+      "a reward model needs a preference or pointwise task (e.g. "
+      "synthetic_preference, taskmaster4_pointwise).")
+  # "lora" (the adapter + head train) or "full" (every parameter trains).
+  finetune: str = "lora"
+  # The reward adapter's rank, alpha and targets (finetune="lora").
+  lora: LoRAConfig = LoRAConfig()
+  # Weight of the reward-centering term c·(r_c + r_r)² (preference only).
+  centering: float = 0.0
+  # Several preference pairs per training row (segment ids; BATCH_SIZE then
+  # counts rows, and metrics count pairs); evaluation stays one pair per row.
+  # TASK_FEATURE_LENGTHS['packed'] sets the row length.
+  pack: bool = False
+  best_metric: ClassVar[str | None] = "accuracy"
 
-  return loop.fit(
-      trainer=trainer, model_dir=model_dir, train_steps=train_steps,
-      train_batches=loop.train_batches(
-          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=batch_size, partitioner=partitioner, seed=seed, pack=pack),
-      evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
-      best_metric="accuracy", log_every=log_every, seed=seed,
-      on_finish=loop.export_on_finish(model_dir, rm.adapter,
-                                      base_checkpoint=base_checkpoint) if export
-      else None, stop_at_step=stop_at_step)
+  def describe(self, stage: runner.Stage) -> str:
+    return f"reward model ({self.finetune}, {stage.kind})"
+
+  def check(self, stage: runner.Stage) -> tuple[str | None, ...]:
+    trainable_filter(self.finetune)  # validates finetune
+    if self.pack and stage.kind != PREFERENCE:
+      raise ValueError(f"pack=True packs preference pairs; {stage.task!r} is a "
+                       f"{stage.kind!r} task.")
+    return ()
+
+  def model(self, kind: str) -> RewardModel:
+    return RewardModel(kind=kind,
+                       adapter=ADAPTER if self.finetune == "lora" else None,
+                       centering=self.centering)
+
+  def build(self, stage: runner.Stage, partitioner: partitioning.Partitioner,
+            *, abstract: bool = False) -> core.Trainer:
+    return build_trainer(stage, partitioner, finetune=self.finetune,
+                         lora=self.lora, adapter=ADAPTER,
+                         loss_fn=self.model(stage.kind).loss_fn,
+                         abstract=abstract)
+
+  def train_batches(self, stage: runner.Stage,
+                    partitioner: partitioning.Partitioner) -> loop.BatchFactory:
+    return loop.train_batches(
+        task=stage.task, feature_lengths=stage.feature_lengths,
+        batch_size=stage.batch_size, partitioner=partitioner, seed=stage.seed,
+        pack=self.pack)
+
+  def evaluator(self, stage: runner.Stage, trainer: core.Trainer,
+                partitioner: partitioning.Partitioner):
+    return make_evaluate(
+        self.model(stage.kind), trainer, task=stage.task,
+        split=stage.eval_split, feature_lengths=stage.feature_lengths,
+        batch_size=stage.eval_batch_size, partitioner=partitioner,
+        max_batches=stage.eval_max_batches)
+
+  def on_finish(self, stage: runner.Stage):
+    return loop.export_on_finish(stage.model_dir, self.model(stage.kind).adapter,
+                                 base_checkpoint=stage.base_checkpoint)
 
 
 def make_evaluate(rm: RewardModel, trainer: core.Trainer, *, task: str,

@@ -11,7 +11,7 @@ and the policy start from; `export/` under MODEL_DIR holds its weights.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import ClassVar
 
 import gin
 import jax
@@ -20,13 +20,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from perl import checkpoints, partitioning
+from perl import partitioning
 from perl import logprobs as logprobs_lib
-from perl.data import pipeline
 from perl.models import lora as lora_lib
-from perl.models.config import LoRAConfig, TransformerConfig
+from perl.models.config import LoRAConfig
 from perl.models.transformer import Transformer
-from perl.trainers import core, loop
+from perl.trainers import core, loop, runner
 
 ADAPTER = "sft"
 
@@ -72,65 +71,9 @@ class SftModel:
     return {"loss_sum": loss_sum, "correct": correct, "tokens": denom}
 
 
-@gin.configurable(module="perl.trainers.sft")
-def train(
-    *,
-    model_dir: str = gin.REQUIRED,
-    train_steps: int = gin.REQUIRED,
-    mixture_or_task_name: str = gin.REQUIRED,
-    task_feature_lengths: Mapping[str, int] = gin.REQUIRED,
-    batch_size: int = gin.REQUIRED,
-    model_config: TransformerConfig = gin.REQUIRED,
-    base_checkpoint: str | None = None,
-    finetune: str = "full",
-    lora: LoRAConfig = LoRAConfig(),
-    optimizer: core.OptimizerConfig = core.OptimizerConfig(),
-    checkpoint: checkpoints.CheckpointConfig = checkpoints.CheckpointConfig(),
-    grad_accum_steps: int = 1,
-    eval_every: int = 0,
-    eval_split: str = "validation",
-    eval_batch_size: int | None = None,
-    eval_max_batches: int | None = 8,
-    mesh: str = "data=-1",
-    seed: int = 0,
-    log_every: int = 10,
-    stop_at_step: int | None = None,
-) -> dict[str, Any]:
-  """SFT; writes MODEL_DIR/export (merged full weights) at the end."""
-  kind = pipeline.task_kind(mixture_or_task_name)
-  pipeline.check_vocabulary_fits(mixture_or_task_name,
-                                 vocab_size=model_config.vocab_size,
-                                 base_checkpoint=base_checkpoint)
-  if kind != "sft":
-    raise ValueError(f"Task {mixture_or_task_name!r} is a {kind!r} task; SFT "
-                     "needs an sft task (inputs/targets), e.g. synthetic_sft.")
-  if finetune not in ("lora", "full"):
-    raise ValueError(f"finetune={finetune!r}: use 'lora' or 'full'.")
-  loop.check_inputs(task=mixture_or_task_name, splits=("train", eval_split),
-                    feature_lengths=task_feature_lengths,
-                    base_checkpoints=(base_checkpoint,))
-  partitioner = partitioning.Partitioner(mesh)
-  adapters = {ADAPTER: lora} if finetune == "lora" else None
-  module = partitioner.create_sharded_model(
-      lambda: Transformer(model_config, adapters=adapters, rngs=nnx.Rngs(seed)))
-  if base_checkpoint:
-    checkpoints.load_base(base_checkpoint, module)
-  elif finetune == "lora":
-    logging.warning("LoRA SFT without BASE_CHECKPOINT trains an adapter on a "
-                    "random base.")
-  trainable = lora_lib.adapter_filter(ADAPTER) if adapters else nnx.Param
-  print(f"sft ({finetune}): {lora_lib.trainable_summary(module, trainable)}",
-        flush=True)
-  sft = SftModel(adapter=ADAPTER if adapters else None)
-  trainer = core.Trainer(
-      model=module, trainable=trainable, loss_fn=sft.loss_fn,
-      optimizer=optimizer, total_steps=train_steps, partitioner=partitioner,
-      grad_accum_steps=grad_accum_steps)
-  batches = loop.eval_batches(
-      task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-      batch_size=eval_batch_size or batch_size, partitioner=partitioner,
-      split=eval_split, max_batches=eval_max_batches)
-  eval_step = trainer.jit_eval(sft.eval_sums)
+def make_evaluate(model: SftModel, trainer: core.Trainer, batches):
+  """() -> held-out token loss and accuracy over one pass of `batches`."""
+  eval_step = trainer.jit_eval(model.eval_sums)
 
   def evaluate() -> dict[str, float]:
     totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
@@ -146,13 +89,53 @@ def train(
     return {"loss": totals["loss_sum"] / tokens,
             "accuracy": totals["correct"] / tokens, "tokens": totals["tokens"]}
 
-  return loop.fit(
-      trainer=trainer, model_dir=model_dir, train_steps=train_steps,
-      train_batches=loop.train_batches(
-          task=mixture_or_task_name, feature_lengths=task_feature_lengths,
-          batch_size=batch_size, partitioner=partitioner, seed=seed),
-      evaluate=evaluate, eval_every=eval_every, checkpoint=checkpoint,
-      best_metric=None, log_every=log_every, seed=seed,
-      on_finish=loop.export_on_finish(model_dir, sft.adapter,
-                                      base_checkpoint=base_checkpoint),
-      stop_at_step=stop_at_step)
+  return evaluate
+
+
+@gin.configurable(module="perl.trainers.sft")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SftObjective(runner.Objective):
+  """SFT on an sft task; MODEL_DIR/export holds the merged full weights."""
+
+  task_kinds: ClassVar[tuple[str, ...]] = ("sft",)
+  task_needs: ClassVar[str] = ("SFT needs an sft task (inputs/targets), e.g. "
+                                "synthetic_sft.")
+  # "full" (every parameter trains) or "lora" (the adapter only, merged into
+  # export/).
+  finetune: str = "full"
+  # The adapter's rank, alpha and targets (finetune="lora").
+  lora: LoRAConfig = LoRAConfig()
+
+  def describe(self, stage: runner.Stage) -> str:
+    return f"sft ({self.finetune})"
+
+  def check(self, stage: runner.Stage) -> tuple[str | None, ...]:
+    if self.finetune not in ("lora", "full"):
+      raise ValueError(f"finetune={self.finetune!r}: use 'lora' or 'full'.")
+    return ()
+
+  @property
+  def model(self) -> SftModel:
+    return SftModel(adapter=ADAPTER if self.finetune == "lora" else None)
+
+  def build(self, stage: runner.Stage, partitioner: partitioning.Partitioner,
+            *, abstract: bool = False) -> core.Trainer:
+    adapters = {ADAPTER: self.lora} if self.finetune == "lora" else None
+    module = stage.create_model(
+        partitioner, lambda: Transformer(stage.model_config, adapters=adapters,
+                                         rngs=nnx.Rngs(stage.seed)),
+        abstract=abstract)
+    if adapters and not stage.base_checkpoint:
+      logging.warning("LoRA SFT without BASE_CHECKPOINT trains an adapter on a "
+                      "random base.")
+    trainable = lora_lib.adapter_filter(ADAPTER) if adapters else nnx.Param
+    return stage.trainer(partitioner, module, trainable=trainable,
+                         loss_fn=self.model.loss_fn, abstract=abstract)
+
+  def evaluator(self, stage: runner.Stage, trainer: core.Trainer,
+                partitioner: partitioning.Partitioner):
+    return make_evaluate(self.model, trainer, stage.eval_batches(partitioner))
+
+  def on_finish(self, stage: runner.Stage):
+    return loop.export_on_finish(stage.model_dir, self.model.adapter,
+                                 base_checkpoint=stage.base_checkpoint)

@@ -174,11 +174,11 @@ def test_experiment_through_perl_main_feeds_rl_loaders(tmp_path, clean_gin):
       [CONFIGS], ["experiments/synthetic_hydra_sft.gin"],
       [f"MODEL_DIR = '{model_dir}'", "BASE_CHECKPOINT = None",
        "TRAIN_STEPS = 3", "EVAL_EVERY = 0", "BATCH_SIZE = 8",
-       "perl.trainers.hydra_sft.train.eval_max_batches = 1"])
+       "perl.trainers.runner.train.eval_max_batches = 1"])
   config = gin.get_configurable("perl.models.config.TransformerConfig")()
   out = perl_main.run()  # pylint: disable=no-value-for-parameter
   assert out["step"] == 3
-  assert "hydra_sft.train" in open(os.path.join(model_dir, "config.gin")).read()
+  assert "hydra_sft.HydraSftObjective" in open(os.path.join(model_dir, "config.gin")).read()
   assert os.listdir(os.path.join(model_dir, "checkpoints")) == ["3"]
   assert not os.path.exists(os.path.join(model_dir, "best"))
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:

@@ -11,7 +11,7 @@ import tensorflow as tf
 from perl import checkpoints, run_dir
 from perl.data import pipeline
 from perl.models import config as model_config
-from perl.trainers import loop, reward_model
+from perl.trainers import loop, reward_model, runner
 
 TINY = model_config.tiny(vocab_size=259, num_layers=1, embed_dim=32,
                          num_heads=2, num_kv_heads=1, head_dim=16, mlp_dim=64)
@@ -39,7 +39,8 @@ def _counting(monkeypatch):
 
 
 def _train(model_dir, train_steps, stop_at_step=None):
-  return reward_model.train(
+  return runner.train(
+      objective=reward_model.RewardModelObjective(),
       model_dir=str(model_dir), train_steps=train_steps,
       mixture_or_task_name="synthetic_preference",
       task_feature_lengths={"prompt": 48, "response": 32}, batch_size=8,
@@ -107,7 +108,8 @@ def test_resume_on_a_prepared_source_seeks_without_rereading(tmp_path,
   monkeypatch.setattr(prepared, "read_records", spy)
 
   def run(model_dir, stop_at_step=None):
-    return reward_model.train(
+    return runner.train(
+        objective=reward_model.RewardModelObjective(),
         model_dir=str(model_dir), train_steps=STEPS + 3,
         mixture_or_task_name="taskmaster4_pointwise_prepared",
         task_feature_lengths={"prompt": 48, "response": 32}, batch_size=8,

@@ -1,5 +1,6 @@
 """RL through the gin entry function: Hydra RM loading, eval, export, resume."""
 
+import dataclasses
 import json
 import os
 
@@ -9,7 +10,7 @@ import pytest
 from perl import checkpoints, decoding, run_dir
 from perl.rl import kl as kl_lib
 from perl.models import config as model_config
-from perl.trainers import policy, reward_model
+from perl.trainers import core, policy, policy_stage, reward_model, runner
 from tasks import synthetic
 
 TINY = model_config.tiny(vocab_size=259, num_layers=1, embed_dim=32, num_heads=2,
@@ -20,10 +21,11 @@ LORA = model_config.LoRAConfig(rank=4, alpha=8.0)
 @pytest.fixture(scope="module")
 def reward_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("rm"))
-  reward_model.train(
+  runner.train(
+      objective=reward_model.RewardModelObjective(lora=LORA),
       model_dir=path, train_steps=2, mixture_or_task_name="synthetic_preference",
       task_feature_lengths={"prompt": 48, "response": 32}, batch_size=8,
-      model_config=TINY, lora=LORA, eval_max_batches=1, export=True, log_every=100)
+      model_config=TINY, eval_max_batches=1, export=True, log_every=100)
   return path
 
 
@@ -33,18 +35,23 @@ def _metrics(model_dir):
 
 
 def _run(model_dir, reward_dir, steps, **overrides):
-  kwargs = dict(
+  stage = dict(
       model_dir=model_dir, train_steps=steps, mixture_or_task_name="synthetic_prompts",
       task_feature_lengths={"prompt": 48}, batch_size=4, model_config=TINY,
+      optimizer=core.OptimizerConfig(learning_rate=1e-4),
+      eval_max_batches=1, eval_batch_size=4, log_every=100, mesh="data=4,model=2")
+  objective = dict(
       reward_checkpoint=reward_dir, reward_lora=LORA, policy_lora=LORA,
       # An adaptive β that moves every step: resume must continue it.
       rl=policy.RLConfig(algorithm="reinforce", kl=kl_lib.KLControllerConfig(
           init_coef=0.05, target=1e-4, horizon=8)),
       sampling=decoding.SamplingConfig(max_new_tokens=8, temperature=0.7),
-      eval_max_batches=1, eval_batch_size=4, ground_truth=synthetic.ground_truth_reward,
-      log_every=100, mesh="data=4,model=2")
-  kwargs.update(overrides)
-  return policy.train(**kwargs)
+      ground_truth=synthetic.ground_truth_reward)
+  fields = {f.name for f in dataclasses.fields(policy_stage.PolicyObjective)}
+  for key, value in overrides.items():
+    (objective if key in fields else stage)[key] = value
+  return runner.train(objective=policy_stage.PolicyObjective(**objective),
+                      **stage)
 
 
 def test_policy_run_on_shared_backbone_evaluates_exports_and_resumes(tmp_path, reward_dir):
@@ -60,9 +67,9 @@ def test_policy_run_on_shared_backbone_evaluates_exports_and_resumes(tmp_path, r
   # Adapter-only saves: no base kernel in the train-state checkpoint.
   ckpt = os.path.join(straight, "checkpoints", "4")
   assert os.path.isdir(ckpt)
-  # Exact resume: 2 steps, stop, 2 more steps == 4 steps straight.
+  # Exact resume: stopped after 2 of 4 steps, rerun == 4 steps straight.
   resumed = str(tmp_path / "resumed")
-  _run(resumed, reward_dir, 2)
+  assert _run(resumed, reward_dir, 4, stop_at_step=2)["step"] == 2
   _run(resumed, reward_dir, 4)
   a = [m["train/reward_mean"] for m in _metrics(straight) if "train/reward_mean" in m]
   b = [m["train/reward_mean"] for m in _metrics(resumed) if "train/reward_mean" in m]

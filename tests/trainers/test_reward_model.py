@@ -11,7 +11,7 @@ import pytest
 
 from perl import gin_utils
 from perl.models import config as model_config
-from perl.trainers import reward_model, sft
+from perl.trainers import reward_model, runner, sft
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -57,21 +57,21 @@ def test_experiment_gin_misspelt_binding_names_it(clean_gin):
     gin_utils.parse_gin_flags(
         [CONFIGS], ["experiments/synthetic_reward_model.gin"],
         ["MODEL_DIR = '/tmp/x'", "BASE_CHECKPOINT = '/tmp/sft'",
-         "perl.trainers.reward_model.train.eval_evry = 3"])
+         "perl.trainers.runner.train.eval_evry = 3"])
 
 
 def test_resumed_run_reproduces_uninterrupted_run_exactly(tmp_path):
-  kwargs = dict(mixture_or_task_name="synthetic_preference",
+  kwargs = dict(objective=reward_model.RewardModelObjective(),
+                mixture_or_task_name="synthetic_preference",
                 task_feature_lengths={"prompt": 48, "response": 32},
                 batch_size=8, model_config=TINY, mesh="data=4,model=2",
                 eval_max_batches=1, export=False, log_every=100)
   straight = str(tmp_path / "straight")
-  reward_model.train(model_dir=straight, train_steps=6, **kwargs)
+  runner.train(model_dir=straight, train_steps=6, **kwargs)
   resumed = str(tmp_path / "resumed")
   # Preempted after 3 of 6 steps (cosine schedule still spans 6), rerun.
-  reward_model.train(model_dir=resumed, train_steps=6, stop_at_step=3,
-                     **kwargs)
-  out = reward_model.train(model_dir=resumed, train_steps=6, **kwargs)
+  runner.train(model_dir=resumed, train_steps=6, stop_at_step=3, **kwargs)
+  out = runner.train(model_dir=resumed, train_steps=6, **kwargs)
   assert out["step"] == 6
   a = [m["train/loss"] for m in _metrics(straight) if "train/loss" in m]
   b = [m["train/loss"] for m in _metrics(resumed) if "train/loss" in m]
@@ -121,7 +121,8 @@ def test_synthetic_sft_then_lora_reward_model_beats_080(tmp_path):
 @pytest.mark.skipif(not os.environ.get("PERL_DATA_DIR"),
                     reason="PERL_DATA_DIR is unset (real TM-4 reward data)")
 def test_tm4_pointwise_reward_model_reports_auc_and_baseline(tmp_path):
-  out = reward_model.train(
+  out = runner.train(
+      objective=reward_model.RewardModelObjective(),
       model_dir=str(tmp_path), train_steps=4,
       mixture_or_task_name="taskmaster4_pointwise",
       task_feature_lengths={"prompt": 96, "response": 32}, batch_size=16,
@@ -138,15 +139,16 @@ def test_tm4_pointwise_reward_model_reports_auc_and_baseline(tmp_path):
 
 def test_reward_model_rejects_sft_task_with_clear_error(tmp_path):
   with pytest.raises(ValueError, match="needs a preference or pointwise task"):
-    reward_model.train(model_dir=str(tmp_path), train_steps=1,
-                       mixture_or_task_name="synthetic_sft",
-                       task_feature_lengths={"inputs": 8, "targets": 8},
-                       batch_size=8, model_config=TINY)
+    runner.train(objective=reward_model.RewardModelObjective(),
+                 model_dir=str(tmp_path), train_steps=1,
+                 mixture_or_task_name="synthetic_sft",
+                 task_feature_lengths={"inputs": 8, "targets": 8},
+                 batch_size=8, model_config=TINY)
 
 
 def test_sft_rejects_reward_task_with_clear_error(tmp_path):
   with pytest.raises(ValueError, match="SFT needs an sft task"):
-    sft.train(model_dir=str(tmp_path), train_steps=1,
-              mixture_or_task_name="synthetic_preference",
-              task_feature_lengths={"prompt": 8, "response": 8},
-              batch_size=8, model_config=TINY)
+    runner.train(objective=sft.SftObjective(), model_dir=str(tmp_path),
+                 train_steps=1, mixture_or_task_name="synthetic_preference",
+                 task_feature_lengths={"prompt": 8, "response": 8},
+                 batch_size=8, model_config=TINY)
