@@ -233,7 +233,7 @@ def test_bfloat16_checkpoint_loads_in_bfloat16(hf_dirs, tmp_path):
 def test_llama3_rope_frequencies_match_transformers():
   from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-  from perl.models.transformer import _llama3_scaled_frequencies
+  from perl.models.layers import _llama3_scaled_frequencies
 
   config = transformers.LlamaConfig(
       hidden_size=2048, num_attention_heads=32, head_dim=64,

@@ -10,7 +10,8 @@ import pytest
 from flax import nnx
 
 from perl.models import config as model_config
-from perl.models.transformer import KVCache, Transformer, apply_rope
+from perl.models.layers import apply_rope
+from perl.models.transformer import KVCache, Transformer
 from tests.models.helpers import forward
 
 
