@@ -70,7 +70,7 @@ def test_gin_value_finds_a_binding_under_its_shortened_name(tmp_path):
       "BASE_CHECKPOINT = '/runs/sft'\n"
       "train.base_checkpoint = %BASE_CHECKPOINT\n"
       "SamplingConfig.temperature = 0.7\n"))
-  assert runs.gin_value(d, "policy.train.base_checkpoint") == "'/runs/sft'"
+  assert runs.gin_value(d, "runner.train.base_checkpoint") == "'/runs/sft'"
   assert runs.gin_value(d, "perl.decoding.SamplingConfig.temperature") == "0.7"
   assert runs.gin_value(d, "SamplingConfig.top_p") is None
 

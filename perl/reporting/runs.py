@@ -83,7 +83,7 @@ def gin_value(model_dir: str, name: str) -> str | None:
         values[m.group(1)] = m.group(2)
   # Gin writes each binding under its shortest unambiguous name, which
   # depends on what else was registered ("train.base_checkpoint" or
-  # "policy.train.base_checkpoint"): match on a dotted suffix either way.
+  # "runner.train.base_checkpoint"): match on a dotted suffix either way.
   found = values.get(name) or next(
       (v for k, v in values.items()
        if k.endswith("." + name) or name.endswith("." + k)), None)
