@@ -37,11 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import nnx
 
-from perl import run_dir
 from perl.run_dir import STATE_ITEM, RunDir
-
-# loop.py and policy_init.py still spell it so; they move to RunDir.export.
-EXPORT_DIR = run_dir.EXPORT
 
 
 class CheckpointMismatchError(ValueError):
