@@ -35,7 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -103,8 +103,11 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def run(*, sft: str, reward_model: str, workdir: str, algorithms: Sequence[str],
         seeds: int, rollouts_per_step: int, group_size: int, eval_batch_size: int,
-        extra: Sequence[str] = ()) -> list[dict[str, Any]]:
-  """Runs every algorithm × seed; one row per algorithm."""
+        extra: Sequence[str] = (),
+        on_row: Callable[[list[dict[str, Any]]], None] | None = None
+        ) -> list[dict[str, Any]]:
+  """Runs every algorithm × seed; one row per algorithm (on_row(rows so far)
+  after each, so a long sweep cut short keeps what finished)."""
   from perl import demo  # pylint: disable=g-import-not-at-top
   for path, flag in ((sft, "--sft"), (reward_model, "--reward_model")):
     if not os.path.isfile(os.path.join(path, "config.gin")):
@@ -140,6 +143,8 @@ def run(*, sft: str, reward_model: str, workdir: str, algorithms: Sequence[str],
             f"KL {row['kl'][-1]:.3f}, win rate {row['win_rate'][-1]:.3f} "
             f"({row['seconds'][-1]:.0f} s)", flush=True)
     rows.append(row)
+    if on_row is not None:
+      on_row(rows)
   return rows
 
 
@@ -189,25 +194,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     algo_lib.get(name)  # an unknown name fails before any run starts
 
   start = time.perf_counter()
-  rows = run(sft=os.path.abspath(args.sft),
-             reward_model=os.path.abspath(args.reward_model),
-             workdir=os.path.abspath(args.workdir), algorithms=names, seeds=args.seeds,
-             rollouts_per_step=args.rollouts_per_step, group_size=args.group_size,
-             eval_batch_size=args.eval_batch_size, extra=args.gin)
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   if jax.default_backend() == "cpu":
     device += f", {os.cpu_count()} cores {platform.machine()}"
   result = {"experiment": EXPERIMENT, "commit": _commit(), "device": device,
             "sft": os.path.abspath(args.sft),
             "reward_model": os.path.abspath(args.reward_model),
-            "rollouts_per_step": args.rollouts_per_step, "extra_bindings": args.gin,
-            "seconds": round(time.perf_counter() - start, 1), "rows": rows}
+            "rollouts_per_step": args.rollouts_per_step, "extra_bindings": args.gin}
+
+  def write(rows):
+    result.update(seconds=round(time.perf_counter() - start, 1), rows=rows)
+    if args.results_json:
+      os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
+      with open(args.results_json, "w") as f:
+        json.dump(result, f, indent=2)
+
+  rows = run(sft=os.path.abspath(args.sft),
+             reward_model=os.path.abspath(args.reward_model),
+             workdir=os.path.abspath(args.workdir), algorithms=names, seeds=args.seeds,
+             rollouts_per_step=args.rollouts_per_step, group_size=args.group_size,
+             eval_batch_size=args.eval_batch_size, extra=args.gin, on_row=write)
   print(f"\n{EXPERIMENT}, {args.seeds} seed(s), commit {result['commit']}, {device}:\n")
   print(table(rows), flush=True)
   if args.results_json:
-    os.makedirs(os.path.dirname(os.path.abspath(args.results_json)), exist_ok=True)
-    with open(args.results_json, "w") as f:
-      json.dump(result, f, indent=2)
     print(f"\nwrote {args.results_json}")
   return result
 
