@@ -4,12 +4,18 @@ A tiny policy (vocabulary 6 with EOS, responses of at most 2 tokens, two
 prompts, T=0.7) has 31 possible responses per prompt, so the objective
   J(θ) = E_x E_{y~π_θ(·|x)}[(1−β)·R(x, y)] − β·KL(π_θ(·|x) ‖ π_anchor(·|x))
 (PERL's scaling, RLConfig's default) and its gradient come exactly from
-jax.grad over the enumerated responses. The estimator is the project's own
-pipeline: the trainer's sample, score and logprobs programs on 16 rollout
-batches of 1,024, then perl.rl.step.advantages and perl.rl.step.update_loss;
-its gradient w.r.t. the policy adapter is the chain rule through the
-learner's log-probs (the update loss reaches the policy only through them).
-Its loss aggregation fixes the scale: a token mean estimates ∇J / E[length] (_norm).
+jax.grad over the enumerated responses. Each case runs in two sampling
+settings (SAMPLINGS): T=0.7 untruncated, and T=0.7 with top-p 0.9, where π_θ
+is the per-step top-p renormalised distribution the sampler draws from and
+the learner scores (the anchor stays untruncated). Its kept set is piecewise
+constant in θ, so ∇J holds it fixed; responses with an excluded token have
+probability 0 and are left out of the enumeration. The estimator is the
+project's own pipeline: the trainer's sample, score and logprobs programs on
+16 rollout batches of 1,024, then perl.rl.step.advantages and
+perl.rl.step.update_loss; its gradient w.r.t. the policy adapter is the chain
+rule through the learner's log-probs (the update loss reaches the policy only
+through them). Its loss aggregation fixes the scale: a token mean estimates
+∇J / E[length] (_norm).
 
 For each registered algorithm × KL mode the estimate over 16,384 rollouts
 must sit within 2× its own noise floor (the spread of the 16 batch estimates
@@ -56,6 +62,11 @@ KL_MODES = {"reward-k1": dict(kl_mode="reward", kl_estimator="k1"),
             "loss-seq": dict(kl_mode="loss", kl_estimator="seq")}
 # KL modes whose gradient is the per-context one (perl.rl.kl): biased.
 PER_TOKEN_KL = ("loss-k2", "loss-k3+")
+# Sampling settings: SamplingConfig truncation of the sampled (and scored) policy.
+SAMPLINGS = {"t0.7": {}, "t0.7-top_p0.9": dict(top_p=0.9)}
+# A log-prob below this is a token outside the kept set (perl.logprobs gives
+# it finfo(float32).min, probability 0).
+EXCLUDED = -1e30
 
 
 def reward_fn(tokens, segment_ids):
@@ -72,15 +83,15 @@ class Expect:
   kind "exact": scale·∇J (scale 1 unless a documented constant);
   "scaled": the policy-gradient part times `scale`, a batch statistic the
   docs state (whitening by the advantages' std), measured here and pinned
-  within `tol`; "group": the estimator's own exact expectation over
-  enumerated groups of k=2 (for group-normalised advantages, biased by
-  design), which must differ from ∇J.
+  within `tol` per sampling setting and KL mode; "group": the estimator's
+  own exact expectation over enumerated groups of k=2 (for group-normalised
+  advantages, biased by design), which must differ from ∇J.
   overrides: the RLConfig fields of the checked configuration.
   """
 
   kind: str
   overrides: dict = dataclasses.field(default_factory=dict)
-  scale: float | dict = 1.0  # "scaled": {KL mode: pinned scale}
+  scale: float | dict = 1.0  # "scaled": {setting: {KL mode: pinned scale}}
   tol: float = 0.0
 
 
@@ -89,13 +100,17 @@ EXPECT = {
                   # Default whitening divides by the batch std of the advantages:
                   # the reward's part of the step is scaled, the KL loss's not.
                   Expect("scaled", {}, tol=0.1, scale={
-                      "reward-k1": 0.79, "loss-k2": 1.67, "loss-k3+": 1.67,
-                      "loss-seq": 1.73})],
+                      "t0.7": {"reward-k1": 0.79, "loss-k2": 1.67,
+                               "loss-k3+": 1.67, "loss-seq": 1.73},
+                      "t0.7-top_p0.9": {"reward-k1": 0.77, "loss-k2": 1.66,
+                                        "loss-k3+": 1.66, "loss-seq": 1.71}})],
     "rloo": [Expect("exact", dict(samples_per_prompt=2))],
     "ppo": [Expect("exact", dict(whiten_advantages=False, lam=1.0)),
             Expect("scaled", dict(lam=1.0), tol=0.1, scale={
-                "reward-k1": 0.83, "loss-k2": 1.19, "loss-k3+": 1.19,
-                "loss-seq": 1.25})],
+                "t0.7": {"reward-k1": 0.83, "loss-k2": 1.19, "loss-k3+": 1.19,
+                         "loss-seq": 1.25},
+                "t0.7-top_p0.9": {"reward-k1": 0.82, "loss-k2": 1.15,
+                                  "loss-k3+": 1.15, "loss-seq": 1.20}})],
     "grpo": [Expect("group", dict(samples_per_prompt=2))],
     # GRPO's advantages with clip-higher (inactive at ratio 1); the dynamic
     # sampling of train_step is not run here.
@@ -107,8 +122,10 @@ EXPECT = {
     # The return-to-go is exact; whitening over the batch scales the step.
     "reinforce_pp": [Expect("exact", dict(whiten_advantages=False)),
                      Expect("scaled", {}, tol=0.1, scale={
-                         "reward-k1": 0.86, "loss-k2": 2.57, "loss-k3+": 2.57,
-                         "loss-seq": 2.63})],
+                         "t0.7": {"reward-k1": 0.86, "loss-k2": 2.57,
+                                  "loss-k3+": 2.57, "loss-seq": 2.63},
+                         "t0.7-top_p0.9": {"reward-k1": 0.85, "loss-k2": 2.55,
+                                           "loss-k3+": 2.55, "loss-seq": 2.59}})],
 }
 
 
@@ -120,9 +137,11 @@ def _flat(tree):
 
 
 @functools.lru_cache(maxsize=None)
-def _setup():
+def _setup(setting):
   p = partitioning.Partitioner("data=-1")
-  sampling = decoding.SamplingConfig(max_new_tokens=2, temperature=T, eos_id=EOS)
+  truncation = SAMPLINGS[setting]
+  sampling = decoding.SamplingConfig(max_new_tokens=2, temperature=T, eos_id=EOS,
+                                     **truncation)
   with p:
     module = p.create_sharded_model(lambda: HydraModule(
         CFG, policy_lora=LORA, value_lora=LORA, rngs=nnx.Rngs(0)))
@@ -138,11 +157,14 @@ def _setup():
   graphdef, policy_params, rest = nnx.split(
       trainer.model(), lora_lib.adapter_filter(POLICY), ...)
 
-  def logp_fn(pol, tokens, seg, adapter=POLICY):
+  def logp_fn(pol, tokens, seg, adapter=POLICY, truncated=True):
+    """The learner's log-probs: the policy's of the sampled (truncated)
+    distribution, the anchor's (adapter None) untruncated, as the trainer's."""
     model = nnx.merge(graphdef, pol, rest)
+    kw = truncation if adapter == POLICY and truncated else {}
     return model.response_logprobs(
         tokens, positions=sequence_positions(seg), segment_ids=seg,
-        prompt_length=PROMPTS.shape[1], adapter=adapter, temperature=T)["logp"]
+        prompt_length=PROMPTS.shape[1], adapter=adapter, temperature=T, **kw)["logp"]
 
   # The rollouts: the trainer's own programs, as train_step runs them.
   rollouts = []
@@ -163,7 +185,8 @@ def _setup():
 
 
 def _responses():
-  """Every (prompt, response): tokens [62, 4], segment ids, mask [62, 2]."""
+  """Every (prompt, response): tokens [62, 4], segment ids, mask [62, 2]
+  (the first 31 rows for the first prompt)."""
   rows = []
   for x in PROMPTS:
     rows.append(list(x) + [EOS, 0])
@@ -175,11 +198,20 @@ def _responses():
 
 
 def _exact(pol, logp_fn):
-  """Exact ∇J and the pieces of each documented quantity, by enumeration."""
+  """Exact ∇J and the pieces of each documented quantity, by enumeration
+  over the responses the (truncated) policy can sample."""
   tokens, seg, mask = _responses()
+  prompt = np.arange(len(tokens)) // (len(tokens) // 2)
+  # A response with a token outside the kept set has probability 0: leave it
+  # out (its finfo.min log-prob would give 0·inf in the objective). The kept
+  # set is locally constant in θ, so the rest stay possible under ∇.
+  possible = np.asarray(jnp.all(
+      (logp_fn(pol, tokens, seg) > EXCLUDED) | (mask == 0), axis=1))
+  tokens, seg, mask, prompt = (tokens[possible], seg[possible], mask[possible],
+                               prompt[possible])
   fmask = mask.astype(jnp.float32)
-  half = len(tokens) // 2
-  prompt_mean = lambda v: 0.5 * (v[:half].sum() + v[half:].sum())
+  # Each prompt has weight 1/2: the mean over prompts of Σ_y.
+  prompt_mean = lambda v: 0.5 * v.sum()
   anchor = logp_fn(pol, tokens, seg, adapter=None) * fmask
   reward = reward_fn(tokens, seg)
 
@@ -204,8 +236,8 @@ def _exact(pol, logp_fn):
       # −β × E_y[Σ_t ∇KL(π(·|c_t)‖π_anchor(·|c_t))] with the contexts held fixed.
       grad_kl_per_token=_flat(score_grad(-BETA * prob[:, None] * ratio)),
       length=float(prompt_mean(prob * fmask.sum(1))),
-      tokens=tokens, seg=seg, mask=mask, logp=logp, anchor=anchor, prob=prob,
-      reward=reward, score_grad=score_grad)
+      tokens=tokens, seg=seg, mask=mask, prompt=prompt, logp=logp, anchor=anchor,
+      prob=prob, reward=reward, score_grad=score_grad)
 
 
 # -- the estimator ----------------------------------------------------------------
@@ -232,9 +264,9 @@ def _cotangent(rl, r, logp=None, anchor=None, prob_rows=None):
   return jax.grad(loss)(logp)
 
 
-def _estimates(rl):
+def _estimates(rl, setting):
   """[BATCHES, P] gradient estimates −∇(update loss), one per rollout batch."""
-  s = _setup()
+  s = _setup(setting)
   out = []
   cotangent = jax.jit(functools.partial(_cotangent, rl))
   for r in s["rollouts"]:
@@ -243,16 +275,15 @@ def _estimates(rl):
   return np.stack(out)
 
 
-def _group_expectation(rl):
+def _group_expectation(rl, setting):
   """The estimator's exact expectation for group-local advantages (k=2):
   every ordered pair of responses to a prompt, weighted by its probability."""
-  e = _setup()["exact"]
-  half = len(e["tokens"]) // 2
+  e = _setup(setting)["exact"]
   first, second = [], []
   for p in range(2):
-    idx = np.arange(p * half, (p + 1) * half)
-    first.append(np.repeat(idx, half))
-    second.append(np.tile(idx, half))
+    idx = np.flatnonzero(e["prompt"] == p)
+    first.append(np.repeat(idx, len(idx)))
+    second.append(np.tile(idx, len(idx)))
   first, second = np.concatenate(first), np.concatenate(second)
   rows = np.stack([first, second], axis=1).reshape(-1)   # pairs as groups of 2
   r = dict(scores=e["reward"][rows], mask=e["mask"][rows],
@@ -274,21 +305,21 @@ def _group_expectation(rl):
 # -- the test -----------------------------------------------------------------------
 
 
-def _norm(rl):
+def _norm(rl, setting):
   """What the update loss's aggregation divides ∇J by in expectation: E[length]
   for token-mean, 1 for seq-mean-token-sum, the maximum length for
   seq-mean-token-sum-norm. seq-mean-token-mean weights each response by
   1/|y| (no multiple of ∇J; E[length] is the nominal scale it is compared at)."""
-  e = _setup()["exact"]
+  e = _setup(setting)["exact"]
   return {"seq-mean-token-sum": 1.0,
           "seq-mean-token-sum-norm": float(e["mask"].shape[1])}.get(
               rl.aggregation, e["length"])
 
 
-def _reference(expect, mode, rl, est):
+def _reference(expect, mode, rl, est, setting):
   """(documented quantity, ∇J / _norm, measured scale)."""
-  e = _setup()["exact"]
-  norm = _norm(rl)
+  e = _setup(setting)["exact"]
+  norm = _norm(rl, setting)
   grad_j = e["grad_j"] / norm
   kl_part = 0.0
   pg = grad_j
@@ -297,7 +328,7 @@ def _reference(expect, mode, rl, est):
     exact_kl = grad_j - pg
     kl_part = e["grad_kl_per_token"] / norm if mode in PER_TOKEN_KL else exact_kl
   if expect.kind == "group":
-    return _group_expectation(rl), grad_j, None
+    return _group_expectation(rl, setting), grad_j, None
   measured = float(np.dot(est - kl_part, pg) / np.dot(pg, pg))
   scale = measured if expect.kind == "scaled" else expect.scale
   return scale * pg + kl_part, grad_j, measured
@@ -307,12 +338,13 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-CASES = [(name, i, mode) for name in algorithms.names()
+CASES = [(setting, name, i, mode) for setting in SAMPLINGS
+         for name in algorithms.names()
          for i in range(len(EXPECT.get(name, [None]))) for mode in KL_MODES]
 
 
-@pytest.mark.parametrize("name,which,mode", CASES)
-def test_estimator_converges_to_the_documented_gradient(name, which, mode):
+@pytest.mark.parametrize("setting,name,which,mode", CASES)
+def test_estimator_converges_to_the_documented_gradient(setting, name, which, mode):
   assert name in EXPECT, (
       f"RL algorithm {name!r} has no entry in tests/rl/test_exact_gradient.py "
       "EXPECT: add what its gradient estimator converges to (exact ∇J, a "
@@ -320,20 +352,50 @@ def test_estimator_converges_to_the_documented_gradient(name, which, mode):
   expect = EXPECT[name][which]
   rl = RLConfig(algorithm=name, kl=kl_lib.KLControllerConfig(init_coef=BETA),
                 **{**expect.overrides, **KL_MODES[mode]})
-  batches = _estimates(rl)
+  batches = _estimates(rl, setting)
   est = batches.mean(0)
-  ref, grad_j, scale = _reference(expect, mode, rl, est)
+  ref, grad_j, scale = _reference(expect, mode, rl, est, setting)
   noise = float(np.linalg.norm(batches.std(0, ddof=1)) / np.sqrt(BATCHES)
                 / np.linalg.norm(ref))
   err, err_first = _rel(est, ref), _rel(batches[0], ref)
-  print(f"{name}[{expect.kind}] {mode}: rel err {err:.3f} at {BATCHES * BATCH}, "
+  print(f"{setting} {name}[{expect.kind}] {mode}: rel err {err:.3f} at {BATCHES * BATCH}, "
         f"{err_first:.3f} at {BATCH}; noise {noise:.3f}; vs ∇J {_rel(est, grad_j):.3f}; "
         f"scale {scale}")
   assert err <= 2.0 * noise and err < err_first, (err, err_first, noise)
   if expect.kind == "scaled":
-    assert abs(scale - expect.scale[mode]) <= expect.tol, (scale, expect.scale[mode])
+    pinned = expect.scale[setting][mode]
+    assert abs(scale - pinned) <= expect.tol, (scale, pinned)
   # GRPO's std normalisation shows where the reward drives the step.
   biased = mode in PER_TOKEN_KL or (expect.kind == "group" and mode == "reward-k1")
   if biased:
     # The documented quantity is not ∇J, and the test can tell.
     assert _rel(est, grad_j) > 3.0 * noise, (_rel(est, grad_j), noise)
+
+
+@pytest.mark.parametrize("setting", SAMPLINGS)
+def test_the_enumeration_is_the_sampled_distribution(setting):
+  """Per prompt, the enumerated responses' probabilities sum to 1 and every
+  rollout token is one the policy can sample; under top-p 0.9, at each
+  prompt's first and second response position (after a kept first token)
+  some token the untruncated policy gives mass has probability exactly 0,
+  so the setting truncates something."""
+  s = _setup(setting)
+  e = s["exact"]
+  totals = [float(np.asarray(e["prob"])[e["prompt"] == p].sum()) for p in range(2)]
+  np.testing.assert_allclose(totals, [1.0, 1.0], rtol=1e-5)
+  for r in s["rollouts"]:
+    logp = np.asarray(r["lp"]["policy_logp"])
+    assert np.all((logp > EXCLUDED) | (np.asarray(r["mask"]) == 0))
+  if not SAMPLINGS[setting]:
+    return
+  tokens, seg, mask = _responses()
+  truncated = np.asarray(s["logp_fn"](s["pol"], tokens, seg))
+  whole = np.asarray(s["logp_fn"](s["pol"], tokens, seg, truncated=False))
+  live = np.asarray(mask) > 0
+  live[:, 1] &= truncated[:, 0] > EXCLUDED   # a context the policy can reach
+  excluded = (np.exp(truncated) == 0.0) & (np.exp(whole) > 0.0) & live
+  prompt = np.arange(len(tokens)) // (len(tokens) // 2)
+  counts = [[int(excluded[prompt == p, t].sum()) for t in range(2)] for p in range(2)]
+  print(f"{setting}: excluded (prompt × position) {counts}; responses kept "
+        f"{len(e['tokens'])} of {len(tokens)}")
+  assert all(c > 0 for row in counts for c in row), counts
