@@ -157,6 +157,17 @@ def _commit() -> str:
     return "unknown"
 
 
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   start = time.perf_counter()
   device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
   if jax.default_backend() == "cpu":
-    device += f", {os.cpu_count()} cores {platform.machine()}"
+    # XLA:CPU compiles for the host's vector units, so the CPU model is part
+    # of what makes the numbers (the synthetic RM is sensitive to rounding).
+    device = f"{_cpu_model()}, {os.cpu_count()} cores (XLA:CPU)"
   result = {"experiment": EXPERIMENT, "commit": _commit(), "device": device,
             "sft": os.path.abspath(args.sft),
             "reward_model": os.path.abspath(args.reward_model),

@@ -45,6 +45,7 @@ def test_one_algorithm_one_seed_gives_a_row_and_a_table(script, demo_runs, tmp_p
       *[f"--gin={b}" for b in TINY], "--gin=MAX_NEW_TOKENS = 8",
       "--gin=LEARNING_RATE = 2e-3"])
   assert json.loads(out_json.read_text()) == result
+  assert result["device"].endswith("cores (XLA:CPU)")
   (row,) = result["rows"]
   # GRPO compares samples: 4 per prompt, 16 / 4 prompts, as the flags say;
   # steps and lr are read back from the parsed config (the --gin overrides).
