@@ -45,7 +45,7 @@ for finetune in ("lora", "full"):
 
 
 def _sweep_command(w):
-  """The README's β-sweep command at toy size (run as a user runs it)."""
+  """The β-sweep command of benchmarks/README.md at toy size (run as a user runs it)."""
   return [sys.executable, "-m", "perl.sweep",
           "--gin_file=experiments/synthetic_beta_sweep.gin",
           f"--gin.BASE_CHECKPOINT={w}/sft", f"--gin.REWARD_CHECKPOINT={w}/rm_lora",
