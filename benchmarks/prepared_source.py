@@ -28,7 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from perl.data import pipeline, prepare  # noqa: E402
+from perl.data import pipeline  # noqa: E402
+from tasks import prepare  # noqa: E402
 
 HH = "hh_rlhf_harmless_base_preference"
 LENGTHS = {"prompt": 512, "response": 256}

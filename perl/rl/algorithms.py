@@ -121,6 +121,11 @@ def register(algorithm: Algorithm) -> Algorithm:
   return algorithm
 
 
+def unregister(name: str) -> None:
+  """Removes a registration (a temporary algorithm of a notebook or test)."""
+  _REGISTRY.pop(name, None)
+
+
 def names() -> tuple[str, ...]:
   return tuple(_REGISTRY)
 

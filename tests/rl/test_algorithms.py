@@ -157,13 +157,21 @@ def _signed(x: algorithms.AdvantageInputs, config):
   return jnp.sign(x.seq_return)[:, None] * x.mask, zeros, zeros
 
 
-SIGNED = algorithms.register(algorithms.Algorithm(
-    name="test_signed", advantages=_signed, epochs=lambda config: 3))
+@pytest.fixture
+def signed():
+  """The toy algorithm, registered for one test only: the registry is global,
+  and a registration left behind would join every later test's
+  `algorithms.names()` (the exact-gradient test parametrises over them)."""
+  algorithm = algorithms.register(algorithms.Algorithm(
+      name="test_signed", advantages=_signed, epochs=lambda config: 3))
+  yield algorithm
+  algorithms.unregister(algorithm.name)
+  assert "test_signed" not in algorithms.names()
 
 
-def test_a_registered_toy_algorithm_runs_through_the_maths_and_the_trainer():
+def test_a_registered_toy_algorithm_runs_through_the_maths_and_the_trainer(signed):
   rl = RLConfig(algorithm="test_signed", scale_reward_by_one_minus_beta=False)
-  assert rl.algo is SIGNED and not rl.uses_value and not rl.whitens
+  assert rl.algo is signed and not rl.uses_value and not rl.whitens
   assert rl.updates_per_rollout == 3
   out, stats = _advantages(rl, [2.0, -0.5, 0.0, 3.0])
   np.testing.assert_array_equal(out["advantages"], [[1] * N, [-1] * N, [0] * N, [1] * N])

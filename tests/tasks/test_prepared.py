@@ -15,8 +15,8 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from perl.data import pipeline, prepare
-from tasks import common, prepared, tfds_builders
+from perl.data import pipeline
+from tasks import common, prepare, prepared, tfds_builders
 from tests.tasks.fixture_data import FIXTURES, REAL_DATA_REASON, real_data
 
 HH = "hh_rlhf_harmless_base_preference"
