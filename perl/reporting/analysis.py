@@ -69,13 +69,8 @@ def model_config(model_dir: str):
 
 def _decode(vocab, tokens: np.ndarray, mask: np.ndarray, eos_id: int | None = None
             ) -> list[str]:
-  out = []
-  for row, keep in zip(np.asarray(tokens), np.asarray(mask)):
-    ids = [int(t) for t, k in zip(row, keep) if k]
-    if eos_id is not None and eos_id in ids:
-      ids = ids[:ids.index(eos_id)]
-    out.append(vocab.decode(ids))
-  return out
+  from perl.trainers import policy_eval  # pylint: disable=g-import-not-at-top
+  return policy_eval.decode_rows(vocab, tokens, mask, eos_id)
 
 
 def _load(model_dir: str, make):
