@@ -191,13 +191,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       help="Extra binding for every run, e.g. --gin='TRAIN_STEPS = 10'.")
   args = parser.parse_args(argv)
 
-  from perl import main as perl_main  # pylint: disable=g-import-not-at-top
-  perl_main.quiet_gin_search()
-  from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top
-  tf_setup.hide_accelerators_from_tensorflow()
+  from perl import demo  # pylint: disable=g-import-not-at-top
+  demo.start_backend(args.jax_backend)
   import jax  # pylint: disable=g-import-not-at-top
-  if args.jax_backend:
-    jax.config.update("jax_platforms", args.jax_backend)
   from perl.rl import algorithms as algo_lib  # pylint: disable=g-import-not-at-top
   names = (algo_lib.names() if args.algorithms is None
            else tuple(n.strip() for n in args.algorithms.split(",") if n.strip()))

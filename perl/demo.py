@@ -38,6 +38,19 @@ def _configs_dir() -> str:
                       "configs")
 
 
+def start_backend(jax_backend: str | None) -> None:
+  """What a script that runs stages in-process sets up first."""
+  from perl import main as perl_main  # pylint: disable=g-import-not-at-top
+  # gin logs "Path not found" for each search path it tries before the one
+  # that holds an included file; perl.main drops those, so do scripts.
+  perl_main.quiet_gin_search()
+  from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top
+  tf_setup.hide_accelerators_from_tensorflow()
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax_backend:
+    jax.config.update("jax_platforms", jax_backend)
+
+
 def run_stage(*, gin_file: str, model_dir: str, bindings: Sequence[str]) -> dict[str, Any]:
   """Parses one experiment and calls its gin-bound run function."""
   import gin  # pylint: disable=g-import-not-at-top
@@ -66,16 +79,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--gin", action="append", default=[], metavar="BINDING",
                       help="Extra binding for every stage, e.g. --gin='TRAIN_STEPS = 10'.")
   args = parser.parse_args(argv)
-  from perl import main as perl_main  # pylint: disable=g-import-not-at-top
-  # gin logs "Path not found" for each search path it tries before the one
-  # that holds an included file; perl.main drops those, so does the demo.
-  perl_main.quiet_gin_search()
-
-  from perl.utils import tf_setup  # pylint: disable=g-import-not-at-top
-  tf_setup.hide_accelerators_from_tensorflow()
-  import jax  # pylint: disable=g-import-not-at-top
-  if args.jax_backend:
-    jax.config.update("jax_platforms", args.jax_backend)
+  start_backend(args.jax_backend)
 
   workdir = os.path.abspath(args.workdir)
   dirs = {"sft": os.path.join(workdir, "sft"),
